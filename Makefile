@@ -1,0 +1,33 @@
+# The two commands of the README: everything else is set up by them.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+STAMP_TORCH := $(VENV)/.installed-torch
+PYTEST_ARGS ?=
+
+.PHONY: demo test venv clean
+
+$(BIN)/python:
+	$(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+
+$(STAMP): $(BIN)/python requirements.txt requirements-dev.txt pyproject.toml
+	$(BIN)/python -m pip install -q -r requirements-dev.txt
+	$(BIN)/python -m pip install -q --no-deps -e .
+	touch $@
+
+$(STAMP_TORCH): $(STAMP) requirements-torch.txt
+	$(BIN)/python -m pip install -q -r requirements-torch.txt
+	touch $@
+
+venv: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/python -m retina_jax.demo --workdir workdirs/demo
+
+test: $(STAMP_TORCH)
+	$(BIN)/python -m pytest -n 2 --dist loadfile $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) workdirs

@@ -1,0 +1,1 @@
+"""retina_jax: RetinaNet and focal loss in JAX/Flax."""

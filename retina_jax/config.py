@@ -1,0 +1,119 @@
+"""The one base config. Experiment files start from `get_base_config()` and only set fields.
+
+Every field a user may set on the command line has a typed default (an empty string, never
+None, for paths), so that `--config.x=y` overrides parse into the right type.
+
+Conventions that every module relies on (one source of truth, do not redefine elsewhere):
+- Boxes are (x1, y1, x2, y2) in pixels, float32, unless a docstring says otherwise. Inside the
+  model and the input pipeline they are in the resized-and-padded image's pixels; at the
+  boundary to COCO files (evaluation, prediction) they become xywh in original-image pixels.
+- Anchors for all levels P{min_level}..P{max_level} are concatenated level by level; within a
+  level, location-major in row-major (y, x) order, then the A anchors of that location in the
+  order `anchors.order` gives. The class head's channel c at a location is anchor c // K,
+  class c % K; the box head's channel c is anchor c // 4, coordinate c % 4. That is
+  torchvision's layout, so converted weights fit without permutation.
+- Labels inside the model are contiguous 0..K-1 (no background class); the data set's own
+  category ids are mapped to and from them by `retina_jax.data.categories`.
+"""
+
+import math
+
+import ml_collections
+
+
+def get_base_config() -> ml_collections.ConfigDict:
+  config = ml_collections.ConfigDict()
+
+  config.seed = 0
+  config.num_train_steps = 90_000
+  config.batch_size = 16  # Global, over every device of every host.
+  config.checkpoint_every_steps = 5_000
+  config.keep_checkpoints = 3
+  config.eval_every_steps = 10_000
+  config.log_every_steps = 50
+  config.eval_batch_size = 8  # Global.
+  config.init_from = ''  # Converted ImageNet or RetinaNet parameters (scripts/convert_torchvision.py).
+  config.num_demo_pictures = 0  # Pictures of eval predictions written at the end of training.
+
+  config.model = ml_collections.ConfigDict()
+  config.model.backbone = 'resnet50'  # tiny | resnet18 | resnet34 | resnet50 | resnet101
+  config.model.num_classes = 80
+  config.model.norm = 'frozen_bn'  # frozen_bn | bn | gn
+  config.model.freeze_at = 2  # 0: nothing frozen, 1: stem, 2: stem and res2 (detectron2 meaning).
+  config.model.fpn_channels = 256
+  config.model.head_channels = 256
+  config.model.head_convs = 4
+  config.model.min_level = 3
+  config.model.max_level = 7
+  config.model.p6_from = 'c5'  # c5 (paper, detectron2) | p5 (torchvision v1, TF TPU)
+  config.model.prior_prob = 0.01
+  config.model.dtype = 'bfloat16'  # Compute dtype; parameters are always float32.
+
+  config.anchors = ml_collections.ConfigDict()
+  config.anchors.sizes = (32.0, 64.0, 128.0, 256.0, 512.0)  # Base size per level P3..P7.
+  config.anchors.scales = (1.0, 2 ** (1 / 3), 2 ** (2 / 3))
+  config.anchors.aspect_ratios = (0.5, 1.0, 2.0)  # height / width.
+  config.anchors.offset = 0.5  # Centre at (i + offset) * stride; torchvision uses 0.
+  config.anchors.truncate_sizes = False  # torchvision truncates size * scale to an int.
+  config.anchors.order = 'ratio_major'  # ratio_major (Detectron, torchvision) | scale_major (detectron2)
+
+  config.matcher = ml_collections.ConfigDict()
+  config.matcher.foreground_iou = 0.5
+  config.matcher.background_iou = 0.4
+  config.matcher.allow_low_quality = True
+  config.matcher.crowd_ioa = 0.5  # Anchors covered beyond this by a crowd box are ignored.
+
+  config.box_coder = ml_collections.ConfigDict()
+  config.box_coder.weights = (1.0, 1.0, 1.0, 1.0)
+  config.box_coder.clamp = math.log(1000.0 / 16)
+
+  config.loss = ml_collections.ConfigDict()
+  config.loss.kind = 'focal'  # focal | ohem
+  config.loss.gamma = 2.0
+  config.loss.alpha = 0.25
+  config.loss.box_loss = 'smooth_l1'  # smooth_l1 | l1 | giou
+  config.loss.smooth_l1_beta = 0.11
+  config.loss.box_weight = 1.0
+  config.loss.ohem_batch_per_image = 128
+  config.loss.ohem_nms_iou = 0.7
+  config.loss.ohem_positive_fraction = 0.0  # 0: hardest anchors regardless of label; 0.25: 1:3.
+
+  config.postprocess = ml_collections.ConfigDict()
+  config.postprocess.score_threshold = 0.05
+  config.postprocess.pre_nms_topk = 1000  # Per level.
+  config.postprocess.nms_iou = 0.5
+  config.postprocess.max_detections = 100
+
+  config.data = ml_collections.ConfigDict()
+  config.data.name = 'coco/2017'  # shapes | coco_format | a tfds name
+  config.data.root = ''  # coco_format: directory with annotations/ and <split>/; shapes: cache dir.
+  config.data.tfds_data_dir = ''
+  config.data.train_split = 'train'
+  config.data.eval_split = 'validation'
+  config.data.min_size = 800  # Shorter side after resize.
+  config.data.max_size = 1333  # Longer side cap.
+  config.data.image_size = 1344  # Square bucket every image is padded into (multiple of 128).
+  config.data.max_boxes = 100  # Ground-truth slots per image; extra objects are dropped, counted.
+  config.data.random_flip = True
+  config.data.num_workers = 4  # Host threads decoding images.
+  config.data.pixel_mean = (0.485 * 255, 0.456 * 255, 0.406 * 255)
+  config.data.pixel_std = (0.229 * 255, 0.224 * 255, 0.225 * 255)
+  config.data.shapes_num_train = 2000
+  config.data.shapes_num_eval = 200
+  config.data.max_eval_images = 0  # 0: all.
+
+  config.optim = ml_collections.ConfigDict()
+  config.optim.base_lr = 0.01  # At base_batch_size; scaled linearly with config.batch_size.
+  config.optim.base_batch_size = 16
+  config.optim.momentum = 0.9
+  config.optim.weight_decay = 1e-4  # Not applied to norm scales and biases.
+  config.optim.warmup_steps = 1000
+  config.optim.warmup_factor = 0.001
+  config.optim.decay_steps = (60_000, 80_000)
+  config.optim.decay_factor = 0.1
+  config.optim.grad_clip_norm = 0.0  # 0: off.
+
+  config.mesh = ml_collections.ConfigDict()
+  config.mesh.model_parallelism = 1  # Size of the 'model' axis; the rest is the 'data' axis.
+
+  return config
