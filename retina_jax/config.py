@@ -54,7 +54,8 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.anchors.scales = (1.0, 2 ** (1 / 3), 2 ** (2 / 3))
   config.anchors.aspect_ratios = (0.5, 1.0, 2.0)  # height / width.
   config.anchors.offset = 0.5  # Centre at (i + offset) * stride; torchvision uses 0.
-  config.anchors.truncate_sizes = False  # torchvision truncates size * scale to an int.
+  config.anchors.truncate_sizes = False  # torchvision truncates size * scale to an int...
+  config.anchors.round_base = False  # ...and rounds the corners of the anchors centred at 0.
   config.anchors.order = 'ratio_major'  # ratio_major (Detectron, torchvision) | scale_major (detectron2)
 
   config.matcher = ml_collections.ConfigDict()
