@@ -302,7 +302,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   logging.info('Starting at step %d of %d (%s)', start_step, config.num_train_steps,
                'resumed' if restored is not None else 'fresh')
   step_fn = make_train_step(config, model, tx, mesh)
-  loader = pipeline.TrainLoader(config, source, jax.process_index(), jax.process_count())
+  loader = pipeline.TrainLoader(source, config.data, config.batch_size, config.seed,
+                                process_index=jax.process_index(),
+                                process_count=jax.process_count())
   logger = MetricLogger(workdir)
   preemption = Preemption()
   pending: list[dict[str, jax.Array]] = []

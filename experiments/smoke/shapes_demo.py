@@ -33,7 +33,7 @@ def get_config(arg=None):
 
   config.data.name = 'shapes'
   config.data.train_split = 'train'
-  config.data.eval_split = 'val'
+  config.data.eval_split = 'validation'
   config.data.min_size = 128
   config.data.max_size = 128
   config.data.image_size = 128
