@@ -5,19 +5,16 @@ import numpy as np
 
 def iou(a, b):
   """a: [N, 4], b: [M, 4] xyxy -> [N, M] float32 IoU, 0 where the union is 0."""
-  a = np.asarray(a, np.float32)
-  b = np.asarray(b, np.float32)
-  out = np.zeros((len(a), len(b)), np.float32)
-  for i, p in enumerate(a):
-    for j, q in enumerate(b):
-      iw = max(min(p[2], q[2]) - max(p[0], q[0]), np.float32(0))
-      ih = max(min(p[3], q[3]) - max(p[1], q[1]), np.float32(0))
-      inter = np.float32(iw * ih)
-      area_p = np.float32(max(p[2] - p[0], 0) * max(p[3] - p[1], 0))
-      area_q = np.float32(max(q[2] - q[0], 0) * max(q[3] - q[1], 0))
-      union = np.float32(area_p + area_q - inter)
-      out[i, j] = inter / union if union > 0 else 0.0
-  return out
+  a = np.asarray(a, np.float32)[:, None, :]
+  b = np.asarray(b, np.float32)[None, :, :]
+  iw = np.maximum(np.minimum(a[..., 2], b[..., 2]) - np.maximum(a[..., 0], b[..., 0]), 0)
+  ih = np.maximum(np.minimum(a[..., 3], b[..., 3]) - np.maximum(a[..., 1], b[..., 1]), 0)
+  inter = iw * ih
+  area_a = np.maximum(a[..., 2] - a[..., 0], 0) * np.maximum(a[..., 3] - a[..., 1], 0)
+  area_b = np.maximum(b[..., 2] - b[..., 0], 0) * np.maximum(b[..., 3] - b[..., 1], 0)
+  union = area_a + area_b - inter
+  with np.errstate(invalid='ignore', divide='ignore'):
+    return np.where(union > 0, inter / union, 0).astype(np.float32)
 
 
 def ioa(a, b):
@@ -48,9 +45,11 @@ def decode(deltas, anchors, weights=(1.0, 1.0, 1.0, 1.0), clamp=np.log(1000.0 / 
 def greedy_nms(boxes, scores, valid, thr, labels=None):
   """Textbook greedy NMS: indices kept, in processing order (score desc, then index asc)."""
   order = sorted(np.flatnonzero(valid), key=lambda i: (-scores[i], i))
-  ious = iou(boxes, boxes)
+  labels = np.zeros(len(boxes), int) if labels is None else np.asarray(labels)
   kept = []
   for i in order:
-    if all(ious[i, j] <= thr or (labels is not None and labels[i] != labels[j]) for j in kept):
+    k = np.asarray(kept, int)
+    overlaps = iou(np.asarray(boxes)[i:i + 1], np.asarray(boxes)[k])[0] > thr
+    if not (overlaps & (labels[k] == labels[i])).any():
       kept.append(i)
   return kept
