@@ -109,6 +109,7 @@ def ohem_selection(anchor_loss: jax.Array, labels_fg: jax.Array, considered: jax
   Returns:
     [B, N] bool, the selected anchors.
   """
+  anchors = jnp.asarray(anchors)
   num_anchors = anchor_loss.shape[1]
   num_candidates = min(num_candidates, num_anchors)
   batch = loss_cfg.ohem_batch_per_image
