@@ -52,10 +52,10 @@ def create_source(data_config, split: str) -> Source:
   """The random-access source for config.data.name: shapes | coco_format | a tfds name."""
   skip = bool(data_config.get('skip_bad_images', False))
   if data_config.name == 'shapes':
-    root = shapes.ensure_shapes(data_config.root, data_config.shapes_num_train,
-                                data_config.shapes_num_eval, data_config.get('shapes_seed', 0))
     if split not in shapes.SPLITS:
       raise ValueError(f'The shapes data set has splits {shapes.SPLITS}, not {split!r}.')
+    root = shapes.ensure_shapes(data_config.root, data_config.shapes_num_train,
+                                data_config.shapes_num_eval, data_config.get('shapes_seed', 0))
     return CocoFormatSource(root, split, skip_bad_images=skip)
   if data_config.name == 'coco_format':
     if not data_config.root:
