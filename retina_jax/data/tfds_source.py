@@ -29,7 +29,9 @@ from retina_jax.data.coco_format import decode_image
 def _open(name: str, split: str, data_dir: str):
   import tensorflow_datasets as tfds  # Heavy (imports TensorFlow); only tfds users pay for it.
   try:
-    source = tfds.data_source(name, split=split, data_dir=data_dir or None,
+    # download=False: preparing COCO is a separate, one-off step, never something every host of
+    # a pod starts on its own at the beginning of training.
+    source = tfds.data_source(name, split=split, data_dir=data_dir or None, download=False,
                               decoders={'image': tfds.decode.SkipDecoding()})
     info = getattr(source, 'dataset_info', None) or tfds.builder(
         name, data_dir=data_dir or None).info
