@@ -2,6 +2,8 @@
 
 import os
 import shutil
+import threading
+import time
 
 import jax
 import numpy as np
@@ -213,3 +215,27 @@ def test_bad_source_names():
   cfg.root = os.devnull + '_never_used'
   with pytest.raises(ValueError, match="not 'val2017'"):
     pipeline.create_source(cfg, 'val2017')
+
+
+def test_too_many_objects_are_counted_at_start_up(shapes_root, caplog):
+  cfg = _config(shapes_root, max_boxes=1)
+  src = pipeline.create_source(cfg, 'train')
+  with caplog.at_level('WARNING'):
+    loader = pipeline.TrainLoader(src, cfg, 2, seed=0, process_index=0, process_count=1)
+  over = int((src.object_counts > 1).sum())
+  assert over > 0 and f'{over} images have more than max_boxes=1' in caplog.text
+  assert loader.batch(0)['box_valid'].sum(axis=1).max() == 1
+
+
+def test_closing_the_iterator_stops_its_thread(shapes_root):
+  cfg = _config(shapes_root, prefetch_batches=1)
+  loader = pipeline.TrainLoader(pipeline.create_source(cfg, 'train'), cfg, 2, seed=0,
+                                process_index=0, process_count=1)
+  it = loader.iterate(0)
+  next(it)
+  it.close()
+  deadline = time.monotonic() + 5
+  while time.monotonic() < deadline and any(
+      t.name == 'retina_jax-prefetch' for t in threading.enumerate()):
+    time.sleep(0.05)
+  assert not any(t.name == 'retina_jax-prefetch' for t in threading.enumerate())

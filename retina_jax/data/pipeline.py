@@ -146,22 +146,27 @@ def _prefetch(make: Callable[[int], Any], steps: Iterator[int], depth: int) -> I
   """
   q: queue.Queue = queue.Queue(maxsize=max(1, depth))
   stop = threading.Event()
+  end = object()
+
+  def put(item) -> bool:
+    while not stop.is_set():  # Never block forever on a consumer that has gone away.
+      try:
+        q.put(item, timeout=0.1)
+        return True
+      except queue.Full:
+        continue
+    return False
 
   def produce():
     for step in steps:
       try:
         item = (True, make(step))
       except Exception as e:  # Handed over to the consumer, with its traceback.
-        item = (False, e)
-      while not stop.is_set():
-        try:
-          q.put(item, timeout=0.1)
-          break
-        except queue.Full:
-          continue
-      if stop.is_set() or not item[0]:
+        put((False, e))
         return
-    q.put((True, StopIteration))
+      if not put(item):
+        return
+    put((True, end))
 
   thread = threading.Thread(target=produce, daemon=True, name='retina_jax-prefetch')
   thread.start()
@@ -170,7 +175,7 @@ def _prefetch(make: Callable[[int], Any], steps: Iterator[int], depth: int) -> I
       ok, item = q.get()
       if not ok:
         raise item
-      if item is StopIteration:
+      if item is end:
         return
       yield item
   finally:
