@@ -174,8 +174,8 @@ def test_eval_sees_every_image_once_across_hosts(shapes_root, num_images):
   assert len(padding) == 8 * pipeline.num_eval_batches(n, 4) // 2 - n and (padding == -1).all()
   first = per_host[0][0]
   assert first['image'].shape == (2, 128, 128, 3)
-  np.testing.assert_array_equal(first['orig_hw'][0], src.image_hw[0])
-  np.testing.assert_allclose(first['scale'][0], first['image_hw'][0].max() / src.image_hw[0].max(),
+  np.testing.assert_array_equal(first['orig_hw'][0], src.original_hw[0])
+  np.testing.assert_allclose(first['scale'][0], first['image_hw'][0].max() / src.original_hw[0].max(),
                              rtol=0.02)
   gt = src.coco_gt(num_images)
   assert sorted(im['id'] for im in gt['images']) == sorted(ids.tolist())

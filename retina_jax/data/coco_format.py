@@ -96,6 +96,8 @@ class CocoFormatSource:
 
   `source[i]` -> dict: 'image' uint8 [H, W, 3] RGB; 'boxes' float32 [n, 4] (x1, y1, x2, y2)
   original pixels; 'labels' int32 [n] contiguous; 'is_crowd' bool [n]; 'image_id' int.
+  Known without decoding: image_ids int64 [N], file_names, original_hw int32 [N, 2] (h, w) from
+  the file, object_counts.
   """
 
   def __init__(self, root: str, split: str, *, skip_bad_images: bool = False):
@@ -133,7 +135,7 @@ class CocoFormatSource:
       hw.append((int(im['height']), int(im['width'])))
     self.image_ids = np.asarray(ids, np.int64)
     self.file_names = files
-    self.image_hw = np.asarray(hw, np.int32).reshape(-1, 2)
+    self.original_hw = np.asarray(hw, np.int32).reshape(-1, 2)
 
   def _read_annotations(self, annotations: list):
     index = {int(i): k for k, i in enumerate(self.image_ids)}
@@ -161,7 +163,7 @@ class CocoFormatSource:
       if w <= 0 or h <= 0:
         self._count('boxes_non_positive_size')
         continue
-      img_h, img_w = self.image_hw[k_img]
+      img_h, img_w = self.original_hw[k_img]
       x1, y1 = min(max(x, 0.0), img_w), min(max(y, 0.0), img_h)
       x2, y2 = min(max(x + w, 0.0), img_w), min(max(y + h, 0.0), img_h)
       if (x1, y1, x2, y2) != (x, y, x + w, y + h):
@@ -194,7 +196,7 @@ class CocoFormatSource:
     logging.warning('Dropping %d images whose files are missing, e.g. %s', len(missing), listed)
     self._count('images_missing_file', len(missing))
     keep = np.setdiff1d(np.arange(len(self.file_names)), missing)
-    self.image_ids, self.image_hw = self.image_ids[keep], self.image_hw[keep]
+    self.image_ids, self.original_hw = self.image_ids[keep], self.original_hw[keep]
     for name in ('file_names', '_boxes', '_labels', '_crowd', '_area'):
       values = getattr(self, name)
       setattr(self, name, [values[k] for k in keep])
@@ -216,9 +218,9 @@ class CocoFormatSource:
     path = os.path.join(self.image_dir, self.file_names[i])
     image_id = int(self.image_ids[i])
     image = decode_image(path, path, image_id)
-    if image.shape[:2] != tuple(self.image_hw[i]):
+    if image.shape[:2] != tuple(self.original_hw[i]):
       raise BadImageError(path, image_id, f'decoded size (h, w) {image.shape[:2]} differs from '
-                          f'the annotation file\'s {tuple(int(v) for v in self.image_hw[i])}')
+                          f'the annotation file\'s {tuple(int(v) for v in self.original_hw[i])}')
     return {'image': image, 'boxes': self._boxes[i], 'labels': self._labels[i],
             'is_crowd': self._crowd[i], 'image_id': image_id, 'path': path}
 
@@ -232,7 +234,7 @@ class CocoFormatSource:
     n = len(self) if num_images <= 0 else min(num_images, len(self))
     images, annotations = [], []
     for k in range(n):
-      h, w = (int(v) for v in self.image_hw[k])
+      h, w = (int(v) for v in self.original_hw[k])
       images.append({'id': int(self.image_ids[k]), 'file_name': self.file_names[k],
                      'height': h, 'width': w})
       cat_ids = self.categories.label_to_id(self._labels[k])
