@@ -102,6 +102,11 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.data.shapes_num_train = 2000
   config.data.shapes_num_eval = 200
   config.data.max_eval_images = 0  # 0: all.
+  config.data.shapes_seed = 0  # Generation seed of the shapes data set (part of its cache key).
+  # Unreadable image (missing, corrupt, wrong size): False stops with its path and id; True logs
+  # it and trains on without it (an empty row with example_valid False).
+  config.data.skip_bad_images = False
+  config.data.prefetch_batches = 2  # Host batches built ahead of the training loop.
 
   config.optim = ml_collections.ConfigDict()
   config.optim.base_lr = 0.01  # At base_batch_size; scaled linearly with config.batch_size.
