@@ -175,6 +175,11 @@ def test_nms_matches_oracle_and_torchvision(with_labels):
   else:
     tv = torchvision.ops.nms(tb, ts, 0.5)
   np.testing.assert_array_equal(np.flatnonzero(keep), np.sort(idx[tv.numpy()]))
+  # Stopping early keeps the best survivors only.
+  first = np.asarray(postprocess.nms(boxes, scores, valid, 0.5, labels, max_output=7))
+  want_first = np.zeros(m, bool)
+  want_first[oracles.greedy_nms(boxes, scores, valid, 0.5, labels)[:7]] = True
+  np.testing.assert_array_equal(first, want_first)
 
 
 def test_nms_ties_keep_the_lower_index():
