@@ -30,7 +30,10 @@ def _greedy_nms(boxes, scores, valid, iou_threshold, labels, max_output):
   NMS finds survivors in descending score order, so at M = 5000 candidates it runs <= 100 cheap
   steps instead of a 5000-step loop or a 5000 x 5000 IoU matrix (100 MB). Tiled schemes (TF's
   non_max_suppression_padded) need the full suppression pass before they can rank the
-  survivors, which is more work when only the top 100 are wanted.
+  survivors, which is more work when only the top 100 are wanted. Measured on a shared 2-core
+  CPU, 5000 boxes with 80 labels: 5-8 ms for the best 100, 250-330 ms to run to the end (most
+  boxes survive, so ~5000 steps); the whole postprocess of an 800x1344 image (K = 80) takes
+  ~14 ms (benchmarks/postprocess_speed.py).
 
   Args:
     boxes: [M, 4] (x1, y1, x2, y2) pixels.
