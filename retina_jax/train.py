@@ -310,8 +310,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   pending: list[dict[str, jax.Array]] = []
   timer_step, timer_start = start_step, time.perf_counter()
 
-  def last_good_checkpoint():
-    return manager.latest_step()
+  def check_finite():
+    bad = int(jax.device_get(state.first_bad_step))
+    if bad >= 0:
+      raise NonFiniteError(
+          f'Non-finite loss or gradient at step {bad + 1}; stopped without saving. The last '
+          f'good checkpoint is step {manager.latest_step()} in {workdir}.')
+
+  def run_eval(step):
+    variables = {'params': state.params, 'batch_stats': state.batch_stats}
+    eval_metrics = evaluate_lib.evaluate_variables(config, variables, workdir, mesh=mesh)
+    logger.write(step, {k: v for k, v in eval_metrics.items() if isinstance(v, (int, float))},
+                 prefix='eval')
 
   try:
     batches = loader.iterate(start_step)
@@ -330,11 +340,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
         logging.info('Preempted: saved step %d; re-run the same command to resume.', step)
         return state
       if step % config.log_every_steps == 0 or is_last:
-        bad = int(jax.device_get(state.first_bad_step))
-        if bad >= 0:
-          raise NonFiniteError(
-              f'Non-finite loss or gradient at step {bad + 1}; stopped without saving. The last '
-              f'good checkpoint is step {last_good_checkpoint()} in {workdir}.')
+        check_finite()
         summary = jax.tree.map(lambda *x: float(np.mean(x)), *jax.device_get(pending))
         pending = []
         now = time.perf_counter()
@@ -351,17 +357,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
                      summary['cls_loss'], summary['box_loss'], summary['num_foreground'],
                      summary['learning_rate'], summary.get('images_per_second', 0.0), eta)
       if step % config.checkpoint_every_steps == 0 or is_last:
-        if int(jax.device_get(state.first_bad_step)) >= 0:
-          raise NonFiniteError(
-              f'Non-finite loss or gradient at step {int(state.first_bad_step) + 1}; stopped '
-              f'without saving. The last good checkpoint is step {last_good_checkpoint()}.')
+        check_finite()
         ckpt.save(manager, state)
-      if (config.eval_every_steps and step % config.eval_every_steps == 0) or is_last:
-        variables = {'params': state.params, 'batch_stats': state.batch_stats}
-        eval_metrics = evaluate_lib.evaluate_variables(config, variables, workdir, mesh=mesh)
-        logger.write(step, {k: v for k, v in eval_metrics.items()
-                            if isinstance(v, (int, float))}, prefix='eval')
+      if config.eval_every_steps and step % config.eval_every_steps == 0 and not is_last:
+        run_eval(step)
         timer_start = time.perf_counter()
+    # The final evaluation also runs when a finished run is started again (e.g. `make demo`).
+    run_eval(config.num_train_steps)
   finally:
     manager.wait_until_finished()
     logger.close()
