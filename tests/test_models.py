@@ -27,7 +27,8 @@ def tiny_config(**model_overrides):
 def tiny():
   config = tiny_config()
   model = models.create_model(config)
-  variables = models.init_variables(model, jax.random.key(0), 128)
+  # The 'rbg' generator compiles faster than threefry; the numbers do not matter here.
+  variables = models.init_variables(model, jax.random.key(0, impl='rbg'), 128)
   apply = jax.jit(lambda v, x: model.apply(v, x, train=False))
   return config, model, variables, apply
 
@@ -48,9 +49,10 @@ def test_init_mean_probability_is_prior(tiny):
 def test_output_shapes_and_anchor_count_per_level(tiny):
   config, model, variables, _ = tiny
   h, w = 128, 256  # Not square, so that a swapped H/W shows.
-  out, state = model.apply(
-      variables, images((2, h, w, 3)), train=False,
-      capture_intermediates=lambda mdl, _: isinstance(mdl, fpn_lib.FPN))
+  out, state = jax.jit(lambda v, x: model.apply(
+      v, x, capture_intermediates=lambda mdl, method: (
+          isinstance(mdl, fpn_lib.FPN) and method == '__call__')))(
+          variables, images((2, h, w, 3)))
   pyramid = state['intermediates']['fpn']['__call__'][0]
   levels = range(config.model.min_level, config.model.max_level + 1)
   assert sorted(pyramid) == [f'p{l}' for l in levels]
@@ -68,7 +70,7 @@ def test_head_layout_is_level_then_location_then_anchor(tiny):
   config, model, variables, _ = tiny
   k = config.model.num_classes
   x = images((1, 128, 128, 3))
-  out, state = model.apply(variables, x, capture_intermediates=True)
+  out, state = jax.jit(lambda v, x: model.apply(v, x, capture_intermediates=True))(variables, x)
   conv_out = state['intermediates']['cls_head']['out']['__call__']  # One per level.
   p3 = conv_out[0]  # [1, 16, 16, A * K]
   y, xx, a, c = 5, 11, 7, 3
@@ -138,7 +140,7 @@ def test_frozen_mask(freeze_at, frozen):
 def test_frozen_stages_get_no_gradient_and_bn_updates_only_unfrozen_stages():
   model = resnet.ResNet(backbone='tiny', norm='bn', freeze_at=2)
   x = images((2, 64, 64, 3))
-  variables = model.init(jax.random.key(0), x)
+  variables = jax.jit(model.init)(jax.random.key(0, impl='rbg'), x)
 
   def loss(params):
     out, updates = model.apply({**variables, 'params': params}, x, train=True,
@@ -158,7 +160,7 @@ def test_frozen_stages_get_no_gradient_and_bn_updates_only_unfrozen_stages():
 def test_group_norm_backbone_has_no_batch_stats_and_runs():
   model = resnet.ResNet(backbone='tiny', norm='gn')
   x = images((1, 64, 64, 3))
-  variables = model.init(jax.random.key(0), x)
+  variables = jax.jit(model.init)(jax.random.key(0, impl='rbg'), x)
   assert not variables.get('batch_stats')
   out = jax.jit(lambda v, x: model.apply(v, x, train=True))(variables, x)
   assert out['c5'].shape == (1, 2, 2, 128) and bool(jnp.isfinite(out['c5']).all())
