@@ -60,3 +60,43 @@ def random_images(n: int, size: int, seed: int = 0):
   for i, (h, w) in enumerate(hw):
     images[i, :h, :w] = rng.integers(0, 256, (h, w, 3))
   return images, hw
+
+
+def write_coco_dir(root, split: str = 'val', sizes=((96, 128), (128, 96), (60, 200), (128, 128),
+                                                      (200, 70), (100, 100))):
+  """A small COCO-layout data set (annotations/instances_<split>.json, <split>/*.png) with the
+  CATEGORIES ids, a crowd box and an image without objects; returns its GT dict."""
+  import json  # pylint: disable=g-import-not-at-top
+  import os  # pylint: disable=g-import-not-at-top
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  os.makedirs(os.path.join(root, 'annotations'), exist_ok=True)
+  os.makedirs(os.path.join(root, split), exist_ok=True)
+  rng = np.random.default_rng(0)
+  images, anns = [], []
+  for k, (h, w) in enumerate(sizes):
+    image_id = 100 + 7 * k  # Not 0..n-1: ids must be carried, not positions.
+    name = f'{image_id}.png'
+    small = rng.integers(0, 256, (max(h // 8, 1), max(w // 8, 1), 3)).astype(np.uint8)
+    Image.fromarray(small).resize((w, h), Image.BILINEAR).save(os.path.join(root, split, name))
+    images.append({'id': image_id, 'file_name': name, 'height': h, 'width': w})
+    if k == len(sizes) - 1:
+      continue  # No objects.
+    for j in range(1 + k % 3):
+      bw, bh = rng.uniform(10, w / 2), rng.uniform(10, h / 2)
+      x, y = rng.uniform(0, w - bw), rng.uniform(0, h - bh)
+      anns.append({'id': len(anns) + 1, 'image_id': image_id,
+                   'category_id': CATEGORIES.ids[(k + j) % 3], 'bbox': [x, y, bw, bh],
+                   'area': bw * bh, 'iscrowd': int(k == 1 and j == 1)})
+  gt = {'images': images, 'annotations': anns, 'categories': CATEGORIES.to_coco_categories()}
+  with open(os.path.join(root, 'annotations', f'instances_{split}.json'), 'w') as f:
+    json.dump(gt, f)
+  return gt
+
+
+def coco_dir_config(root):
+  config = tiny_config()
+  config.data.name = 'coco_format'
+  config.data.root = str(root)
+  config.data.train_split = 'val'
+  config.data.eval_split = 'val'
+  return config
