@@ -158,7 +158,7 @@ def write_export(out_dir: str, config, variables, categories: CategoryMap, batch
   exported = export_detector(config, variables, categories, batch_size, platforms)
   files = {
       PARAMS_FILE: flax.serialization.msgpack_serialize(variables),
-      saved_config.CONFIG_JSON: config.to_json(indent=2).encode(),
+      saved_config.CONFIG_JSON: config.to_json_best_effort(indent=2).encode(),
       CATEGORIES_FILE: categories.to_json().encode(),
       EXPORTED_FILE: bytes(exported.serialize()),
       SIGNATURE_FILE: json.dumps({

@@ -115,3 +115,32 @@ def _flatten(tree, prefix=()):
       yield from _flatten(v, prefix + (k,))
     else:
       yield prefix + (k,), np.asarray(v)
+
+
+@pytest.mark.slow
+def test_export_cli_from_checkpoint_then_evaluate_exported(tmp_path):
+  from tests import test_eval  # pylint: disable=g-import-not-at-top
+  root = tmp_path / 'coco'
+  gt = tiny_detector.write_coco_dir(str(root))
+  config = tiny_detector.coco_dir_config(root)
+  variables = tiny_detector.random_variables(config)
+  workdir, out = tmp_path / 'run', tmp_path / 'exported'
+  test_eval._write_checkpoint(workdir, variables, step=3)  # pylint: disable=protected-access
+  (workdir / 'config.json').write_text(config.to_json_best_effort())
+  env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.getcwd(), os.environ.get('PYTHONPATH', '')]))
+  proc = subprocess.run([sys.executable, '-m', 'retina_jax.export', f'--workdir={workdir}',
+                         f'--out={out}'], env=env, capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  flat_in, flat_out = dict(_flatten(variables)), dict(_flatten(export_lib.load_params(str(out))))
+  assert flat_in.keys() == flat_out.keys()  # Parameters only: no step, no optimizer state.
+  for k, v in flat_in.items():
+    np.testing.assert_array_equal(flat_out[k], v, err_msg=k)
+  assert export_lib.load_categories(str(out)) == tiny_detector.CATEGORIES
+
+  # The export is all evaluation needs: no --config, no workdir.
+  proc = subprocess.run([sys.executable, '-m', 'retina_jax.evaluate', f'--params={out}'],
+                        env=env, capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  results = json.loads((out / 'detections_val.json').read_text())
+  assert {r['image_id'] for r in results} == {im['id'] for im in gt['images']}
+  assert 'AP75' in proc.stdout
