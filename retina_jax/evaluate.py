@@ -44,7 +44,7 @@ _DETECT_CACHE = {}
 
 
 def _sharded_detect(config, mesh):
-  key = (config.to_json_best_effort(), id(mesh))
+  key = (config.to_json_best_effort(), mesh)
   if key not in _DETECT_CACHE:
     batch = sharding_lib.batch_sharding(mesh)
     _DETECT_CACHE[key] = jax.jit(

@@ -16,11 +16,13 @@ with standard tools and the parameters load without the rest):
                          detect = jax.export.deserialize(detect.jax_exported bytes)
                          out = detect.call(variables, images, image_hw)
                        images [B, S, S, 3] uint8 RGB padded with zeros at the bottom/right,
-                       image_hw [B, 2] int32 valid (h, w); B, S as in signature.json. out:
+                       image_hw [B, 2] int32 valid (h, w); S as in signature.json, B any
+                       (symbolic) unless exported with --batch_size. out:
                        boxes [B, D, 4] float32 (x1, y1, x2, y2) padded-image pixels,
                        scores [B, D] float32, labels [B, D] int32 contiguous,
                        category_ids [B, D] int32 data set ids, valid [B, D] bool.
-  signature.json       B, S, D, the platforms the function was lowered for, the resize rule.
+  signature.json       B (null: any), S, D, the platforms the function was lowered for
+                       (cpu, cuda and tpu by default), the resize rule.
 """
 
 import functools
@@ -44,6 +46,8 @@ PARAMS_FILE = 'params.msgpack'
 CATEGORIES_FILE = 'categories.json'
 EXPORTED_FILE = 'detect.jax_exported'
 SIGNATURE_FILE = 'signature.json'
+# Lowering for a platform needs no such device here: one export serves CPU, GPU and TPU.
+DEFAULT_PLATFORMS = ('cpu', 'cuda', 'tpu')
 
 
 def to_plain(variables) -> dict:
@@ -121,16 +125,16 @@ _TORCHVISION_COCO_NAMES = (
     'vase', 'scissors', 'teddy bear', 'hair drier', 'toothbrush')
 
 
-def export_detector(config, variables, categories: CategoryMap, batch_size: int = 1,
-                    platforms=None) -> jax.export.Exported:
-  """The detector as a `jax.export.Exported` for fixed [batch_size, S, S, 3] uint8 images.
+def export_detector(config, variables, categories: CategoryMap, batch_size: int = 0,
+                    platforms=DEFAULT_PLATFORMS) -> jax.export.Exported:
+  """The detector as a `jax.export.Exported` for [B, S, S, 3] uint8 images.
 
   Args:
     config: the full config; S = config.data.image_size.
     variables: as `to_plain` returns (the structure the exported function is called with).
     categories: maps the contiguous labels to data set ids inside the function.
-    batch_size: B of the exported signature.
-    platforms: e.g. ('cpu', 'cuda', 'tpu'); the current backend when None.
+    batch_size: B of the exported signature; 0 exports a symbolic B (any batch size).
+    platforms: what to lower for, e.g. ('cpu', 'cuda', 'tpu'); the current backend when None.
   """
   from retina_jax import inference  # pylint: disable=g-import-not-at-top
   detect = inference.make_detect_fn(config)
@@ -143,15 +147,16 @@ def export_detector(config, variables, categories: CategoryMap, batch_size: int 
     return dets
 
   s = int(config.data.image_size)
+  b = batch_size if batch_size > 0 else jax.export.symbolic_shape('b')[0]
   args = (jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), variables),
-          jax.ShapeDtypeStruct((batch_size, s, s, 3), jnp.uint8),
-          jax.ShapeDtypeStruct((batch_size, 2), jnp.int32))
+          jax.ShapeDtypeStruct((b, s, s, 3), jnp.uint8),
+          jax.ShapeDtypeStruct((b, 2), jnp.int32))
   kwargs = {} if platforms is None else {'platforms': tuple(platforms)}
   return jax.export.export(serve, **kwargs)(*args)
 
 
-def write_export(out_dir: str, config, variables, categories: CategoryMap, batch_size: int = 1,
-                 platforms=None) -> str:
+def write_export(out_dir: str, config, variables, categories: CategoryMap, batch_size: int = 0,
+                 platforms=DEFAULT_PLATFORMS) -> str:
   """Writes the export directory (module docstring); returns its path."""
   os.makedirs(out_dir, exist_ok=True)
   variables = to_plain(variables)
@@ -162,7 +167,7 @@ def write_export(out_dir: str, config, variables, categories: CategoryMap, batch
       CATEGORIES_FILE: categories.to_json().encode(),
       EXPORTED_FILE: bytes(exported.serialize()),
       SIGNATURE_FILE: json.dumps({
-          'batch_size': batch_size, 'image_size': int(config.data.image_size),
+          'batch_size': batch_size or None, 'image_size': int(config.data.image_size),
           'max_detections': int(config.postprocess.max_detections),
           'platforms': list(exported.platforms),
           'resize': {'min_size': int(config.data.min_size), 'max_size': int(config.data.max_size),
@@ -185,10 +190,10 @@ def _define_flags():
           'config', None, 'Config file; default: DIR/config.json.', lock_config=True),
       'workdir': flags.DEFINE_string('workdir', '', 'Training directory (newest checkpoint).'),
       'out': flags.DEFINE_string('out', '', 'Export directory to write.'),
-      'batch_size': flags.DEFINE_integer('batch_size', 1,
-                                         'Batch size of the serialized detector.'),
-      'platforms': flags.DEFINE_list('platforms', [], 'Platforms to lower the detector for, '
-                                     'e.g. cpu,cuda,tpu (default: the current backend).'),
+      'batch_size': flags.DEFINE_integer('batch_size', 0, 'Batch size of the serialized '
+                                         'detector; 0: any (symbolic).'),
+      'platforms': flags.DEFINE_list('platforms', list(DEFAULT_PLATFORMS),
+                                     'Platforms to lower the detector for.'),
   }
 
 
@@ -201,7 +206,7 @@ def main(fl, argv):
   variables, step = checkpoint.restore_variables(fl['workdir'].value)
   categories = resolve_categories(config, fl['workdir'].value)
   write_export(fl['out'].value, config, variables, categories, fl['batch_size'].value,
-               fl['platforms'].value or None)
+               fl['platforms'].value)
   logging.info('Exported step %d of %s to %s', step, fl['workdir'].value, fl['out'].value)
   print(f'Exported step {step} of {fl["workdir"].value} to {fl["out"].value}')
 

@@ -40,12 +40,12 @@ def test_exported_detector_runs_without_our_code(tmp_path):
   variables = tiny_detector.random_variables(config)
   cats = tiny_detector.CATEGORIES
   out_dir = str(tmp_path / 'export')
-  export_lib.write_export(out_dir, config, variables, cats, batch_size=2)
+  export_lib.write_export(out_dir, config, variables, cats)  # Any batch size, 3 platforms.
   assert sorted(os.listdir(out_dir)) == sorted([
       'params.msgpack', 'config.json', 'categories.json', 'detect.jax_exported',
       'signature.json'])
 
-  images, image_hw = tiny_detector.random_images(2, config.data.image_size)
+  images, image_hw = tiny_detector.random_images(3, config.data.image_size)
   io_file = str(tmp_path / 'io')
   np.savez(io_file + '.in.npz', images=images, image_hw=image_hw)
   script = tmp_path / 'consumer.py'
@@ -62,6 +62,9 @@ def test_exported_detector_runs_without_our_code(tmp_path):
   for k in ('boxes', 'scores', 'labels', 'valid'):
     np.testing.assert_array_equal(exported[k], np.asarray(ours[k]), err_msg=k)
   assert exported['valid'].any(), 'the tiny model should detect something'
+  signature = json.loads((tmp_path / 'export' / 'signature.json').read_text())
+  assert signature['batch_size'] is None
+  assert signature['platforms'] == ['cpu', 'cuda', 'tpu']
   np.testing.assert_array_equal(exported['category_ids'],
                                 np.asarray(cats.ids)[exported['labels']])
 
@@ -71,7 +74,8 @@ def test_params_config_and_categories_round_trip(tmp_path):
   config.postprocess.nms_iou = 0.6  # A non-default value must survive.
   variables = tiny_detector.random_variables(config)
   out_dir = str(tmp_path / 'export')
-  export_lib.write_export(out_dir, config, variables, tiny_detector.CATEGORIES)
+  export_lib.write_export(out_dir, config, variables, tiny_detector.CATEGORIES, batch_size=1,
+                          platforms=('cpu',))
 
   restored = export_lib.load_params(out_dir)
   assert set(restored) == {'params', 'batch_stats'}
@@ -87,6 +91,7 @@ def test_params_config_and_categories_round_trip(tmp_path):
   assert export_lib.resolve_categories(loaded, out_dir) == tiny_detector.CATEGORIES
   signature = json.loads((tmp_path / 'export' / 'signature.json').read_text())
   assert signature['batch_size'] == 1 and signature['image_size'] == 128
+  assert signature['platforms'] == ['cpu']
 
 
 def test_config_categories_take_precedence(tmp_path):
