@@ -93,7 +93,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.data.eval_split = 'validation'
   config.data.min_size = 800  # Shorter side after resize.
   config.data.max_size = 1333  # Longer side cap.
-  config.data.image_size = 1344  # Square bucket every image is padded into (multiple of 128).
+  config.data.image_size = 1408  # Square bucket every image is padded into (multiple of 128).
   config.data.max_boxes = 100  # Ground-truth slots per image; extra objects are dropped, counted.
   config.data.random_flip = True
   config.data.num_workers = 4  # Host threads decoding images.
@@ -102,6 +102,11 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.data.shapes_num_train = 2000
   config.data.shapes_num_eval = 200
   config.data.max_eval_images = 0  # 0: all.
+  config.data.shapes_seed = 0  # Generation seed of the shapes data set (part of its cache key).
+  # Unreadable image (missing, corrupt, wrong size): False stops with its path and id; True logs
+  # it and trains on without it (an empty row with example_valid False).
+  config.data.skip_bad_images = False
+  config.data.prefetch_batches = 2  # Host batches built ahead of the training loop.
 
   config.optim = ml_collections.ConfigDict()
   config.optim.base_lr = 0.01  # At base_batch_size; scaled linearly with config.batch_size.
@@ -118,3 +123,52 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.mesh.model_parallelism = 1  # Size of the 'model' axis; the rest is the 'data' axis.
 
   return config
+
+
+def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
+  """Parses an experiment argument 'key=value,key=value' over typed defaults (big_vision style).
+
+  `experiments/retinanet_r50_coco.py:res=600,sched=3x` gives res=600 (an int, because the
+  default is one) and sched='3x'. A bare value sets the first key: ':600' is res=600.
+  """
+  result = ml_collections.ConfigDict(defaults)
+  if not arg:
+    return result
+  keys = list(defaults)
+  for i, item in enumerate(arg.split(',')):
+    key, sep, value = item.partition('=')
+    if not sep:
+      if i != 0 or not keys:
+        raise ValueError(f'Experiment argument {arg!r}: write key=value pairs, e.g. '
+                         + ','.join(f'{k}={v}' for k, v in defaults.items()))
+      key, value = keys[0], item
+    if key not in defaults:
+      raise ValueError(f'Experiment argument {arg!r}: unknown key {key!r}; known: {keys}')
+    result[key] = type(defaults[key])(value)
+  return result
+
+
+SCHEDULES = {'1x': (90_000, (60_000, 80_000)), '3x': (270_000, (210_000, 250_000))}
+
+
+def set_schedule(config: ml_collections.ConfigDict, sched: str, batch_size: int):
+  """The detectron2 schedules (iterations at batch 16), rescaled to `batch_size` so that the
+  number of epochs stays the same; the LR scales linearly in the optimiser."""
+  if sched not in SCHEDULES:
+    raise ValueError(f'Unknown schedule {sched!r}; known: {sorted(SCHEDULES)}')
+  steps, drops = SCHEDULES[sched]
+  factor = 16 / batch_size
+  config.batch_size = batch_size
+  config.num_train_steps = int(steps * factor)
+  config.optim.decay_steps = tuple(int(d * factor) for d in drops)
+  config.optim.warmup_steps = int(1000 * min(factor, 1.0)) or 1
+  config.checkpoint_every_steps = max(int(5000 * factor), 100)
+  config.eval_every_steps = max(int(10_000 * factor), 100)
+
+
+def set_scale(config: ml_collections.ConfigDict, res: int):
+  """Shorter side `res` with the paper's longer-side cap (1333 at 800, same ratio elsewhere),
+  padded into the smallest square bucket that is a multiple of 128."""
+  config.data.min_size = res
+  config.data.max_size = int(round(res * 1333 / 800))
+  config.data.image_size = -(-config.data.max_size // 128) * 128

@@ -1,0 +1,24 @@
+"""RetinaNet R50-FPN on COCO 2017 (paper Table 1e / detectron2 schedules).
+
+  python -m retina_jax.main --config experiments/retinanet_r50_coco.py:res=800,sched=1x \
+      --workdir gs://bucket/r50_800_1x
+
+Argument keys: res (shorter side: 400, 500, 600, 700, 800 for the scale rows of Table 1e),
+sched (1x | 3x), batch (global batch; steps and LR rescale), backbone.
+Starts from converted ImageNet weights when `--config.init_from` names a file written by
+`scripts/convert_torchvision.py` (frozen BN, stem and res2 frozen, as in the paper).
+"""
+
+from retina_jax import config as config_lib
+
+
+def get_config(arg=None):
+  arg = config_lib.parse_arg(arg, res=800, sched='1x', batch=16, backbone='resnet50')
+  config = config_lib.get_base_config()
+  config.model.backbone = arg.backbone
+  config_lib.set_schedule(config, arg.sched, arg.batch)
+  config_lib.set_scale(config, arg.res)
+  config.data.name = 'coco/2017'
+  config.data.train_split = 'train'
+  config.data.eval_split = 'validation'
+  return config

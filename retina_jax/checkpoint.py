@@ -1,0 +1,65 @@
+"""Orbax checkpoints of the whole train state, and restoring parameters for evaluation.
+
+Layout: `<workdir>/checkpoints/<step>/` holds one pytree {step, params, batch_stats, opt_state,
+first_bad_step}. The data position is a pure function of (seed, step) (see
+`retina_jax.data.pipeline`), so the step restores it too: a resumed run sees exactly the
+examples an uninterrupted one would. Restoring takes the target shardings from the current
+mesh, so a checkpoint written on N devices restores on any other number.
+"""
+
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from etils import epath
+
+
+def checkpoint_dir(workdir: str) -> epath.Path:
+  return epath.Path(workdir) / 'checkpoints'
+
+
+def make_manager(workdir: str, keep: int, async_save: bool = True) -> ocp.CheckpointManager:
+  options = ocp.CheckpointManagerOptions(
+      max_to_keep=keep, create=True, enable_async_checkpointing=async_save,
+      cleanup_tmp_directories=True)
+  return ocp.CheckpointManager(checkpoint_dir(workdir), options=options)
+
+
+def save(manager: ocp.CheckpointManager, state: Any, force: bool = False) -> bool:
+  step = int(jax.device_get(state.step))
+  return manager.save(step, args=ocp.args.StandardSave(state), force=force)
+
+
+def restore_latest(manager: ocp.CheckpointManager, abstract_state: Any) -> Any | None:
+  """The newest complete checkpoint laid out like `abstract_state` (shapes and shardings)."""
+  step = manager.latest_step()
+  if step is None:
+    return None
+  return manager.restore(step, args=ocp.args.StandardRestore(abstract_state))
+
+
+def restore_variables(workdir: str, step: int | None = None) -> tuple[dict[str, Any], int]:
+  """Model variables {'params', 'batch_stats'} of the newest (or given) checkpoint, on host.
+
+  Reads only the parameter subtrees, never the optimiser state, and needs no train state or
+  mesh, so evaluation and export run on any device count.
+  """
+  directory = checkpoint_dir(workdir)
+  if step is None:
+    manager = ocp.CheckpointManager(
+        directory, options=ocp.CheckpointManagerOptions(read_only=True, create=False))
+    step = manager.latest_step()
+  if step is None:
+    raise FileNotFoundError(
+        f'No checkpoint in {directory}: train first (python -m retina_jax.main --workdir '
+        f'{workdir} ...) or pass exported parameters with --params.')
+  path = directory / str(step) / 'default'
+  checkpointer = ocp.PyTreeCheckpointer()
+  tree = checkpointer.metadata(path).item_metadata.tree
+  wanted = {k: tree[k] for k in ('params', 'batch_stats')}
+  restored = checkpointer.restore(path, args=ocp.args.PyTreeRestore(
+      item=wanted,
+      restore_args=jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), wanted),
+      partial_restore=True))
+  return restored, step

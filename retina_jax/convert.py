@@ -1,0 +1,234 @@
+"""torchvision state dicts -> our variables {'params', 'batch_stats'}, stored as flax msgpack.
+
+Accepted inputs (a plain `torch.save(model.state_dict())`, with or without `num_batches_tracked`):
+- a torchvision ResNet ImageNet classifier (resnet18/34/50/101): the backbone only; `fc.*` is
+  reported as unused;
+- a torchvision `retinanet_resnet50_fpn` (v1) detector: backbone.body.*, backbone.fpn.*, head.*,
+  in the current key layout (`inner_blocks.0.0.weight`, `conv.0.0.weight`) or the older one of the
+  published checkpoint (`inner_blocks.0.weight`, `conv.0.weight`, `conv.2.weight`, ...).
+
+The architecture (depth, FPN levels and width, P6 source, classes, anchors) is read off the keys
+and shapes; the expected variables then come from our own model (`jax.eval_shape`, no compute),
+and every expected leaf is looked up under its torchvision name. So "missing" means a tensor our
+model has and the file lacks, "unexpected" a tensor in the file nobody reads.
+
+The output loads without torch (`load_variables`).
+"""
+
+import dataclasses
+import re
+from typing import Any, Mapping
+
+import flax.serialization
+from flax import traverse_util
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from retina_jax import config as config_lib
+from retina_jax.models import resnet as resnet_lib
+from retina_jax.models import retinanet as retinanet_lib
+
+_LEAF_NAMES = {'kernel': 'weight', 'scale': 'weight', 'bias': 'bias', 'mean': 'running_mean',
+               'var': 'running_var'}
+_DEPTHS = {((1, 1, 1, 1), False): 'tiny', ((2, 2, 2, 2), False): 'resnet18',
+           ((3, 4, 6, 3), False): 'resnet34', ((3, 4, 6, 3), True): 'resnet50',
+           ((3, 4, 23, 3), True): 'resnet101'}
+_HEADS = {'cls_head': ('head.classification_head.', 'cls_logits'),
+          'box_head': ('head.regression_head.', 'bbox_reg')}
+
+
+@dataclasses.dataclass
+class Report:
+  kind: str  # 'resnet' (ImageNet classifier, backbone only) or 'retinanet'.
+  architecture: dict[str, Any]  # The config.model fields read off the state dict.
+  num_converted: int
+  missing: list[str]  # torchvision names of tensors our model has and the input lacks.
+  unexpected: list[str]  # Input keys nothing was converted from.
+
+
+def _torch_keys(path: tuple[str, ...], body: str, min_level: int) -> list[str]:
+  """torchvision names a leaf of our tree may have, current layout first.
+
+  path: (module, ..., leaf) without the collection, e.g. ('backbone', 'layer1_0', 'bn1', 'var').
+  """
+  module, *rest, leaf = path
+  name = _LEAF_NAMES[leaf]
+  if module == 'backbone':
+    sub = rest[0]
+    m = re.fullmatch(r'layer(\d)_(\d+)', sub)
+    if m:
+      block = f'layer{m[1]}.{m[2]}.'
+      layer = {'downsample_conv': 'downsample.0', 'downsample_bn': 'downsample.1'}.get(
+          rest[1], rest[1])
+      return [f'{body}{block}{layer}.{name}']
+    return [f'{body}{sub}.{name}']
+  if module == 'fpn':
+    sub = rest[0]
+    m = re.fullmatch(r'(lateral_c|output_p)(\d)', sub)
+    if m:
+      blocks = 'inner_blocks' if m[1] == 'lateral_c' else 'layer_blocks'
+      i = int(m[2]) - min_level
+      return [f'backbone.fpn.{blocks}.{i}.0.{name}', f'backbone.fpn.{blocks}.{i}.{name}']
+    return [f'backbone.fpn.extra_blocks.{sub}.{name}']
+  prefix, out_name = _HEADS[module]
+  sub = rest[0]
+  if sub == 'out':
+    return [f'{prefix}{out_name}.{name}']
+  j = int(sub[len('conv'):])
+  # Before torchvision 0.13 a head conv was conv.{2j} of a (conv, relu, ...) Sequential.
+  return [f'{prefix}conv.{j}.0.{name}', f'{prefix}conv.{2 * j}.{name}']
+
+
+def _find(sd: Mapping[str, Any], *candidates: str):
+  for key in candidates:
+    if key in sd:
+      return sd[key]
+  raise ValueError(f'RetinaNet state dict lacks {candidates[0]!r}, needed to read its '
+                   'architecture.')
+
+
+def _infer_architecture(sd: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
+  """(kind, config.model fields plus num_anchors) of a torchvision ResNet or RetinaNet."""
+  body = 'backbone.body.' if any(k.startswith('backbone.body.') for k in sd) else ''
+  blocks = [0, 0, 0, 0]
+  for k in sd:
+    if m := re.match(re.escape(body) + r'layer([1-4])\.(\d+)\.', k):
+      blocks[int(m[1]) - 1] = max(blocks[int(m[1]) - 1], int(m[2]) + 1)
+  bottleneck = any(re.match(re.escape(body) + r'layer\d\.\d+\.conv3\.', k) for k in sd)
+  backbone = _DEPTHS.get((tuple(blocks), bottleneck))
+  if backbone is None:
+    raise ValueError(
+        f'Not a torchvision ResNet-18/34/50/101 or RetinaNet state dict: blocks per stage '
+        f'{tuple(blocks)}, bottleneck={bottleneck} (looked for keys like '
+        f'{body}layer1.0.conv1.weight).')
+  if not body:
+    return 'resnet', {'backbone': backbone}
+
+  ids = lambda pattern: {m[1] for k in sd if (m := re.match(pattern, k))}
+  num_inner = len(ids(r'backbone\.fpn\.inner_blocks\.(\d+)\.'))
+  extra = [int(i) for i in ids(r'backbone\.fpn\.extra_blocks\.p(\d)\.weight$')]
+  cls_out = _find(sd, 'head.classification_head.cls_logits.weight').shape  # [A * K, C, 3, 3]
+  num_anchors = _find(sd, 'head.regression_head.bbox_reg.weight').shape[0] // 4
+  fpn_channels = _find(sd, 'backbone.fpn.inner_blocks.0.0.weight',
+                       'backbone.fpn.inner_blocks.0.weight').shape[0]
+  p6_in = _find(sd, 'backbone.fpn.extra_blocks.p6.weight').shape[1] if extra else fpn_channels
+  return 'retinanet', {
+      'backbone': backbone,
+      'num_classes': cls_out[0] // num_anchors,
+      'fpn_channels': fpn_channels,
+      'head_channels': cls_out[1],
+      # conv.{j}.0 (current) or conv.{2j} (old): one distinct id per conv either way.
+      'head_convs': len(ids(r'head\.classification_head\.conv\.(\d+)\.')),
+      'min_level': 6 - num_inner,
+      'max_level': max(extra, default=5),
+      # torchvision v1's LastLevelP6P7(256, 256) reads P5, (2048, 256) would read C5.
+      'p6_from': 'p5' if p6_in == fpn_channels else 'c5',
+      'num_anchors': num_anchors,
+  }
+
+
+def _expected_variables(kind: str, arch: dict[str, Any], norm: str):
+  """ShapeDtypeStructs of our variables for this architecture, from eval_shape (no compute)."""
+  cfg = config_lib.get_base_config().model
+  cfg.update({k: v for k, v in arch.items() if k != 'num_anchors'})
+  cfg.norm = norm
+  cfg.dtype = 'float32'
+  side = 2 ** cfg.max_level
+  images = jnp.zeros((1, side, side, 3), jnp.float32)
+  if kind == 'resnet':
+    model = resnet_lib.ResNet(backbone=cfg.backbone, norm=norm, dtype=jnp.float32)
+    shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), images))
+    return {col: {'backbone': tree} for col, tree in shapes.items()}
+  model = retinanet_lib.RetinaNet(ml_collections.FrozenConfigDict(cfg), arch['num_anchors'])
+  return dict(jax.eval_shape(lambda: model.init(jax.random.key(0), images)))
+
+
+def convert_state_dict(state_dict: Mapping[str, Any], norm: str = 'frozen_bn'):
+  """torchvision state dict (name -> array-like) -> (variables, Report).
+
+  norm: 'frozen_bn' puts BN weight/bias/mean/var in 'batch_stats'; 'bn' makes weight/bias
+  trainable params of flax BatchNorm. Raises ValueError naming the key on a shape mismatch.
+  """
+  if norm not in ('frozen_bn', 'bn'):
+    raise ValueError(f'norm must be frozen_bn or bn (torchvision has no GroupNorm ResNet), '
+                     f'got {norm!r}.')
+  sd = {k: np.asarray(v) for k, v in state_dict.items() if not k.endswith('num_batches_tracked')}
+  kind, arch = _infer_architecture(sd)
+  body = 'backbone.body.' if kind == 'retinanet' else ''
+  expected = _expected_variables(kind, arch, norm)
+  used, missing = set(), []
+
+  def convert_leaf(path, spec):
+    keys = [str(k.key) for k in path]
+    candidates = _torch_keys(tuple(keys[1:]), body, arch.get('min_level', 3))
+    key = next((c for c in candidates if c in sd), None)
+    if key is None:
+      missing.append(candidates[0])
+      return None
+    used.add(key)
+    value = sd[key]
+    if keys[-1] == 'kernel' and value.ndim == 4:
+      value = value.transpose(2, 3, 1, 0)  # torch OIHW -> flax HWIO.
+    if value.shape != spec.shape:
+      raise ValueError(f'Shape mismatch for {key!r}: {tuple(sd[key].shape)} in the state dict, '
+                       f'but {"/".join(keys)} needs {spec.shape} '
+                       f'({"HWIO from torch OIHW" if keys[-1] == "kernel" else "as is"}).')
+    return value.astype(np.float32)
+
+  converted = jax.tree_util.tree_map_with_path(convert_leaf, expected)
+  variables = _prune(converted)
+  unexpected = sorted(set(sd) - used)
+  report = Report(kind=kind, architecture=dict(arch),
+                  num_converted=len(used), missing=missing, unexpected=unexpected)
+  return variables, report
+
+
+def _prune(tree):
+  """Drops None leaves and emptied sub-dicts (the tensors the input lacked)."""
+  if not isinstance(tree, Mapping):
+    return tree
+  out = {k: _prune(v) for k, v in tree.items() if v is not None}
+  return {k: v for k, v in out.items() if not (isinstance(v, dict) and not v)}
+
+
+def load_torch_state_dict(path: str) -> dict[str, np.ndarray]:
+  """A `torch.save`d state dict as numpy arrays (needs torch; nothing else here does)."""
+  import torch  # pylint: disable=g-import-not-at-top
+
+  obj = torch.load(path, map_location='cpu', weights_only=True)
+  if not isinstance(obj, Mapping) or not all(torch.is_tensor(v) for v in obj.values()):
+    raise ValueError(f'{path}: expected a plain torch.save(model.state_dict()), a mapping of '
+                     f'names to tensors; got {type(obj).__name__}.')
+  return {k: v.detach().float().numpy() if v.is_floating_point() else v.numpy()
+          for k, v in obj.items()}
+
+
+def save_variables(variables, path: str) -> None:
+  with open(path, 'wb') as f:
+    f.write(flax.serialization.msgpack_serialize(jax.tree_util.tree_map(np.asarray, variables)))
+
+
+def load_variables(path: str) -> dict:
+  """{'params': ..., 'batch_stats': ...} (numpy leaves) written by `save_variables`."""
+  with open(path, 'rb') as f:
+    return flax.serialization.msgpack_restore(f.read())
+
+
+def restore_into(variables, loaded):
+  """Overwrites the leaves of `variables` that `loaded` has (e.g. converted ImageNet weights).
+
+  Returns (new variables, paths not in `loaded`, paths of `loaded` not in `variables`).
+  Raises ValueError naming the path on a shape mismatch.
+  """
+  flat = traverse_util.flatten_dict(variables, sep='/')
+  new = traverse_util.flatten_dict(loaded, sep='/')
+  for path, value in new.items():
+    if path in flat and np.shape(value) != np.shape(flat[path]):
+      raise ValueError(f'Shape mismatch for {path}: {np.shape(value)} loaded, model has '
+                       f'{np.shape(flat[path])}.')
+  merged = {p: (jnp.asarray(new[p], flat[p].dtype) if p in new else v) for p, v in flat.items()}
+  not_loaded = sorted(set(flat) - set(new))
+  unused = sorted(set(new) - set(flat))
+  return traverse_util.unflatten_dict(merged, sep='/'), not_loaded, unused

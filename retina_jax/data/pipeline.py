@@ -1,0 +1,319 @@
+"""One input pipeline for every source: decode, resize, flip, pad into a fixed bucket, batch.
+
+Host batch (numpy; this host's rows of the global batch; the lead's sharding code assembles the
+global jax.Array):
+  'image'         uint8   [B, S, S, 3] RGB, the resized image at the top left, 0 elsewhere
+  'image_hw'      int32   [B, 2] (h, w) of the valid resized region
+  'boxes'         float32 [B, G, 4] (x1, y1, x2, y2) in resized pixels (0 where padded)
+  'labels'        int32   [B, G] contiguous labels (0 where padded)
+  'is_crowd'      bool    [B, G]
+  'box_valid'     bool    [B, G]
+  'image_id'      int32   [B] the data set's image id (-1 on eval padding)
+  'orig_hw'       int32   [B, 2] (h, w) of the original image
+  'scale'         float32 [B] resized = original * scale (boxes and sides alike)
+  'example_valid' bool    [B] False on eval padding (and on skipped unreadable images)
+S = config.data.image_size, G = config.data.max_boxes. Normalisation happens on device
+(`normalize_images`), so the host ships 1 byte per channel.
+
+Resume design: where the training data stands is a pure function of (seed, step), never of
+iterator state. Global example position p = step * global_batch + row; epoch e = p // N (N
+examples), and the example is `permutation(seed, e)[p % N]`, the permutation drawn from
+numpy's PCG64 seeded with (seed, 0, e); its horizontal flip is drawn from (seed, 1, p). Epochs run
+into each other without dropping a remainder, so every example is seen once per epoch. A run
+resumed at step s calls `TrainLoader.iterate(s)` (or `batch(s)`) and gets exactly the batches an
+uninterrupted run would have got: nothing repeated, nothing skipped, whatever the number of
+workers, prefetch depth or restarts. The global batch is also the same for any number of hosts:
+process i takes rows [i * B, (i + 1) * B) of it, B = global batch / process count.
+"""
+
+import concurrent.futures
+import functools
+import itertools
+import math
+import queue
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+from absl import logging
+import jax
+import jax.numpy as jnp
+import numpy as np
+from PIL import Image
+
+from retina_jax.data import shapes
+from retina_jax.data.coco_format import BadImageError, CocoFormatSource
+from retina_jax.data.tfds_source import TfdsSource
+
+Source = CocoFormatSource | TfdsSource
+
+
+def create_source(data_config, split: str) -> Source:
+  """The random-access source for config.data.name: shapes | coco_format | a tfds name."""
+  skip = bool(data_config.get('skip_bad_images', False))
+  if data_config.name == 'shapes':
+    if split not in shapes.SPLITS:
+      raise ValueError(f'The shapes data set has splits {shapes.SPLITS}, not {split!r}.')
+    root = shapes.ensure_shapes(data_config.root, data_config.shapes_num_train,
+                                data_config.shapes_num_eval, data_config.get('shapes_seed', 0))
+    return CocoFormatSource(root, split, skip_bad_images=skip)
+  if data_config.name == 'coco_format':
+    if not data_config.root:
+      raise ValueError('config.data.name=coco_format needs config.data.root: a directory with '
+                       'annotations/instances_<split>.json and <split>/ images.')
+    return CocoFormatSource(data_config.root, split, skip_bad_images=skip)
+  return TfdsSource(data_config.name, split, data_config.tfds_data_dir)
+
+
+def resize_scale(h: int, w: int, min_size: int, max_size: int, image_size: int) -> float:
+  """Shorter side to min_size, unless the longer side would pass max_size or the bucket."""
+  scale = min_size / min(h, w)
+  return min(scale, max_size / max(h, w), image_size / max(h, w))
+
+
+def preprocess(example: dict, *, min_size: int, max_size: int, image_size: int, max_boxes: int,
+               flip: bool, image_out: np.ndarray | None = None) -> dict[str, Any]:
+  """One source example -> one row of the host batch (see the module docstring for layouts).
+
+  example: 'image' uint8 [H, W, 3]; 'boxes' float32 [n, 4] (x1, y1, x2, y2) original pixels;
+  'labels' int32 [n]; 'is_crowd' bool [n]; 'image_id' int. Objects beyond max_boxes are dropped,
+  crowd regions first (they only ever cause ignored anchors), then the last ones in file order.
+  image_out: optional all-zero uint8 [S, S, 3] to write the padded image into (a row of the
+  batch array, which saves copying megabytes per image at 800 px).
+  """
+  image = example['image']
+  h, w = image.shape[:2]
+  scale = resize_scale(h, w, min_size, max_size, image_size)
+  nh, nw = min(image_size, round(h * scale)), min(image_size, round(w * scale))
+  if (nh, nw) != (h, w):
+    image = np.asarray(Image.fromarray(image).resize((nw, nh), Image.BILINEAR))
+  boxes = example['boxes'].astype(np.float32) * np.float32(scale)
+  boxes = np.clip(boxes, 0, np.asarray([nw, nh, nw, nh], np.float32))  # Rounding of the sides.
+  if flip:
+    image = image[:, ::-1]
+    boxes = np.stack([nw - boxes[:, 2], boxes[:, 1], nw - boxes[:, 0], boxes[:, 3]], axis=1)
+  order = np.argsort(example['is_crowd'], kind='stable')[:max_boxes]
+  n = len(order)
+  out_boxes = np.zeros((max_boxes, 4), np.float32)
+  out_boxes[:n] = boxes[order]
+  labels = np.zeros((max_boxes,), np.int32)
+  labels[:n] = example['labels'][order]
+  crowd = np.zeros((max_boxes,), bool)
+  crowd[:n] = example['is_crowd'][order]
+  padded = np.zeros((image_size, image_size, 3), np.uint8) if image_out is None else image_out
+  padded[:nh, :nw] = image
+  return {
+      'image': padded, 'image_hw': np.asarray([nh, nw], np.int32), 'boxes': out_boxes,
+      'labels': labels, 'is_crowd': crowd, 'box_valid': np.arange(max_boxes) < n,
+      'image_id': np.int32(example['image_id']), 'orig_hw': np.asarray([h, w], np.int32),
+      'scale': np.float32(scale), 'example_valid': np.bool_(True)}
+
+
+def _blank_batch(batch_size: int, image_size: int, max_boxes: int) -> dict[str, np.ndarray]:
+  """Rows that carry nothing (eval padding, skipped images) until a row is written."""
+  b, s, g = batch_size, image_size, max_boxes
+  return {
+      'image': np.zeros((b, s, s, 3), np.uint8), 'image_hw': np.zeros((b, 2), np.int32),
+      'boxes': np.zeros((b, g, 4), np.float32), 'labels': np.zeros((b, g), np.int32),
+      'is_crowd': np.zeros((b, g), bool), 'box_valid': np.zeros((b, g), bool),
+      'image_id': np.full((b,), -1, np.int32), 'orig_hw': np.zeros((b, 2), np.int32),
+      'scale': np.ones((b,), np.float32), 'example_valid': np.zeros((b,), bool)}
+
+
+
+def _host_slice(global_batch_size: int, process_index: int | None,
+                process_count: int | None) -> tuple[int, int]:
+  """-> (first row of this host in the global batch, host-local batch size)."""
+  process_index = jax.process_index() if process_index is None else process_index
+  process_count = jax.process_count() if process_count is None else process_count
+  if global_batch_size % process_count:
+    raise ValueError(f'Global batch size {global_batch_size} is not divisible by the '
+                     f'{process_count} processes.')
+  local = global_batch_size // process_count
+  return process_index * local, local
+
+
+@functools.lru_cache(maxsize=4)
+def _epoch_permutation(seed: int, epoch: int, n: int) -> np.ndarray:
+  return np.random.default_rng((seed, 0, epoch)).permutation(n)
+
+
+def _prefetch(make: Callable[[int], Any], steps: Iterator[int], depth: int) -> Iterator[Any]:
+  """Yields make(step) for each step, computed `depth` steps ahead by a background thread.
+
+  An exception in `make` is re-raised in the consumer at the step where it happened. Closing the
+  generator (or dropping it) stops the thread.
+  """
+  q: queue.Queue = queue.Queue(maxsize=max(1, depth))
+  stop = threading.Event()
+  end = object()
+
+  def put(item) -> bool:
+    while not stop.is_set():  # Never block forever on a consumer that has gone away.
+      try:
+        q.put(item, timeout=0.1)
+        return True
+      except queue.Full:
+        continue
+    return False
+
+  def produce():
+    for step in steps:
+      try:
+        item = (True, make(step))
+      except Exception as e:  # Handed over to the consumer, with its traceback.
+        put((False, e))
+        return
+      if not put(item):
+        return
+    put((True, end))
+
+  thread = threading.Thread(target=produce, daemon=True, name='retina_jax-prefetch')
+  thread.start()
+  try:
+    while True:
+      ok, item = q.get()
+      if not ok:
+        raise item
+      if item is end:
+        return
+      yield item
+  finally:
+    stop.set()
+
+
+class _Batcher:
+  """Loads and preprocesses rows on a thread pool; shared by training and evaluation."""
+
+  def __init__(self, source: Source, data_config):
+    self.source = source
+    self.image_size = int(data_config.image_size)
+    if self.image_size % 128:
+      raise ValueError(f'config.data.image_size must be a multiple of 128 (the stride of P7), '
+                       f'got {self.image_size}.')
+    self.max_boxes = int(data_config.max_boxes)
+    self.min_size, self.max_size = int(data_config.min_size), int(data_config.max_size)
+    self.skip_bad_images = bool(data_config.get('skip_bad_images', False))
+    self.prefetch = int(data_config.get('prefetch_batches', 2))
+    self._pool = concurrent.futures.ThreadPoolExecutor(
+        max_workers=max(1, int(data_config.num_workers)), thread_name_prefix='retina_jax-decode')
+    counts = source.object_counts
+    if counts is not None and (counts > self.max_boxes).any():
+      over = counts > self.max_boxes
+      logging.warning('%d images have more than max_boxes=%d objects (at most %d); %d objects '
+                      'will be dropped (crowd regions first).', int(over.sum()), self.max_boxes,
+                      int(counts.max()), int((counts[over] - self.max_boxes).sum()))
+
+  def _write_row(self, batch: dict[str, np.ndarray], r: int, index: int, flip: bool):
+    try:
+      example = self.source[index]
+    except BadImageError as e:
+      if not self.skip_bad_images:
+        raise
+      logging.warning('Skipping (config.data.skip_bad_images): %s', e)
+      batch['image_id'][r] = e.image_id  # The row stays blank, example_valid False.
+      return
+    if len(example['boxes']) > self.max_boxes and self.source.object_counts is None:
+      logging.log_every_n(logging.WARNING, 'Image id %d has %d objects > max_boxes=%d; extra '
+                          'ones dropped.', 100, example['image_id'], len(example['boxes']),
+                          self.max_boxes)
+    row = preprocess(example, min_size=self.min_size, max_size=self.max_size,
+                     image_size=self.image_size, max_boxes=self.max_boxes, flip=flip,
+                     image_out=batch['image'][r])
+    for k, v in row.items():
+      if k != 'image':
+        batch[k][r] = v
+
+  def rows(self, rows: Sequence[tuple[int, bool] | None]) -> dict[str, np.ndarray]:
+    """rows: (source index, flip) per batch row, None for padding -> the batch."""
+    batch = _blank_batch(len(rows), self.image_size, self.max_boxes)
+    jobs = [self._pool.submit(self._write_row, batch, r, int(row[0]), bool(row[1]))
+            for r, row in enumerate(rows) if row is not None]
+    for job in jobs:
+      job.result()  # Re-raises a worker's exception.
+    return batch
+
+
+class TrainLoader:
+  """Training batches as a pure function of (seed, step); see the module docstring.
+
+  `batch(step)` builds this host's part of global batch `step` synchronously; `iterate(start)`
+  yields batches start, start + 1, ... forever, built ahead by a background thread.
+  """
+
+  def __init__(self, source: Source, data_config, global_batch_size: int, seed: int, *,
+               process_index: int | None = None, process_count: int | None = None):
+    if len(source) == 0:
+      raise ValueError('The training split has no images.')
+    self._batcher = _Batcher(source, data_config)
+    self.source = source
+    self.seed = int(seed)
+    self.random_flip = bool(data_config.random_flip)
+    self.global_batch_size = int(global_batch_size)
+    self._first_row, self.local_batch_size = _host_slice(
+        self.global_batch_size, process_index, process_count)
+
+  @property
+  def steps_per_epoch(self) -> float:
+    return len(self.source) / self.global_batch_size
+
+  def example_indices(self, step: int) -> tuple[np.ndarray, np.ndarray]:
+    """-> (source indices int64 [B], flips bool [B]) of this host's rows of global batch `step`."""
+    n = len(self.source)
+    positions = (step * self.global_batch_size + self._first_row
+                 + np.arange(self.local_batch_size, dtype=np.int64))
+    indices = np.asarray([_epoch_permutation(self.seed, int(p // n), n)[p % n]
+                          for p in positions], np.int64)
+    if self.random_flip:
+      flips = np.asarray([np.random.default_rng((self.seed, 1, int(p))).random() < 0.5
+                          for p in positions])
+    else:
+      flips = np.zeros(len(positions), bool)
+    return indices, flips
+
+  def batch(self, step: int) -> dict[str, np.ndarray]:
+    indices, flips = self.example_indices(step)
+    return self._batcher.rows(list(zip(indices, flips)))
+
+  def iterate(self, start_step: int = 0) -> Iterator[dict[str, np.ndarray]]:
+    return _prefetch(self.batch, itertools.count(start_step), self._batcher.prefetch)
+
+
+def num_eval_batches(num_examples: int, global_batch_size: int) -> int:
+  return math.ceil(num_examples / global_batch_size)
+
+
+def eval_batches(source: Source, data_config, global_batch_size: int, *,
+                 process_index: int | None = None, process_count: int | None = None,
+                 num_images: int = 0) -> Iterator[dict[str, np.ndarray]]:
+  """Every image of the first `num_images` (0: all) exactly once across all hosts, in order.
+
+  Global batch b holds images [b * GB, (b + 1) * GB); host i takes its rows of it. Every host
+  yields the same number of batches (collectives stay in step); rows past the end are padding
+  with example_valid False and image_id -1. No flip; orig_hw, scale and image_id come along for
+  mapping detections back to the original image.
+  """
+  batcher = _Batcher(source, data_config)
+  n = len(source) if num_images <= 0 else min(num_images, len(source))
+  first_row, local = _host_slice(global_batch_size, process_index, process_count)
+
+  def make(b: int) -> dict[str, np.ndarray]:
+    positions = b * global_batch_size + first_row + np.arange(local)
+    return batcher.rows([(p, False) if p < n else None for p in positions])
+
+  return _prefetch(make, iter(range(num_eval_batches(n, global_batch_size))), batcher.prefetch)
+
+
+def normalize_images(images: jax.Array, image_hw: jax.Array, mean: Sequence[float],
+                     std: Sequence[float]) -> jax.Array:
+  """On device: uint8 [B, S, S, 3] -> float32 [B, S, S, 3], (x - mean) / std, 0 outside image_hw.
+
+  image_hw: int [B, 2] (h, w) of the valid top-left region. The padding is exactly 0 after
+  normalising, as torchvision pads normalised images (a padded 0 pixel would otherwise become
+  -mean / std). Jit-able; mean and std may be Python tuples (config.data.pixel_mean/std).
+  """
+  x = (images.astype(jnp.float32) - jnp.asarray(mean, jnp.float32)) / jnp.asarray(std, jnp.float32)
+  ys = jnp.arange(images.shape[1])[None, :, None]
+  xs = jnp.arange(images.shape[2])[None, None, :]
+  valid = (ys < image_hw[:, 0, None, None]) & (xs < image_hw[:, 1, None, None])
+  return jnp.where(valid[..., None], x, 0.0)

@@ -1,0 +1,49 @@
+"""The device mesh and how every array is laid out on it, in one place.
+
+Axes: 'data' (the batch is split over it) and 'model' (room for model parallelism; size
+`config.mesh.model_parallelism`, 1 by default). Parameters and optimiser state are replicated;
+batches are split on their leading dimension over 'data'. The mesh spans every device of every
+host, so the same code runs on one CPU, one GPU or a TPU pod.
+"""
+
+import jax
+import ml_collections
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+DATA_AXIS = 'data'
+MODEL_AXIS = 'model'
+
+
+def make_mesh(config: ml_collections.ConfigDict, devices=None) -> Mesh:
+  devices = np.asarray(jax.devices() if devices is None else devices)
+  model = config.mesh.model_parallelism
+  if devices.size % model:
+    raise ValueError(f'{devices.size} devices cannot be split into a model axis of {model} '
+                     '(config.mesh.model_parallelism)')
+  return Mesh(devices.reshape(devices.size // model, model), (DATA_AXIS, MODEL_AXIS))
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+  """Leading (batch) dimension split over 'data', everything else replicated."""
+  return NamedSharding(mesh, P(DATA_AXIS))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())
+
+
+def check_batch_size(global_batch: int, mesh: Mesh, what: str = 'config.batch_size') -> int:
+  """Returns the host-local batch size, or says how to fix an indivisible global batch."""
+  data_size = mesh.shape[DATA_AXIS]
+  if global_batch % data_size or global_batch % jax.process_count():
+    raise ValueError(f'{what}={global_batch} must be a multiple of the data-parallel size '
+                     f'{data_size} and of the number of hosts {jax.process_count()}')
+  return global_batch // jax.process_count()
+
+
+def to_global(host_batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
+  """Host-local numpy batch -> global jax.Arrays split over 'data' (no copy across hosts)."""
+  sharding = batch_sharding(mesh)
+  return jax.tree.map(
+      lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), host_batch)

@@ -1,0 +1,368 @@
+"""Training: one jitted, sharded step `(state, batch) -> (state, metrics)` and the loop around it.
+
+The step runs under `jax.jit` with `NamedSharding`s over a `Mesh` of every device of every host:
+the global batch is split over the 'data' axis, the state is replicated and donated. Matching,
+the loss and its global foreground normaliser all happen inside the step. The host only syncs
+at log, checkpoint and evaluation steps.
+"""
+
+import functools
+import json
+import logging
+import math
+import os
+import signal
+import time
+from typing import Any, Callable
+
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from etils import epath
+from jax.experimental import multihost_utils
+
+from retina_jax import anchors as anchors_lib
+from retina_jax import checkpoint as ckpt
+from retina_jax import convert
+from retina_jax import losses
+from retina_jax import models
+from retina_jax import sharding as sharding_lib
+from retina_jax.data import pipeline
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array  # int32 scalar: steps done.
+  params: Any
+  batch_stats: Any
+  opt_state: Any
+  first_bad_step: jax.Array  # int32 scalar: first step with a non-finite loss or gradient, or -1.
+
+
+def learning_rate_schedule(config: ml_collections.ConfigDict) -> Callable[[jax.Array], jax.Array]:
+  """Linear warm-up then step decay; the base LR scales linearly with the global batch."""
+  o = config.optim
+  peak = o.base_lr * config.batch_size / o.base_batch_size
+  boundaries = jnp.asarray(o.decay_steps or (config.num_train_steps + 1,), jnp.int32)
+
+  def schedule(step):
+    if o.warmup_steps > 0:
+      alpha = jnp.minimum(step / o.warmup_steps, 1.0)
+      warm = o.warmup_factor * (1.0 - alpha) + alpha
+    else:
+      warm = 1.0
+    drops = jnp.sum(step >= boundaries)
+    return peak * warm * o.decay_factor ** drops
+
+  return schedule
+
+
+def weight_decay_mask(params: Any) -> Any:
+  """Decay conv and dense kernels only, not norm scales and biases (detectron2 does the same)."""
+  return jax.tree.map(lambda p: p.ndim > 1, params)
+
+
+def make_optimizer(config: ml_collections.ConfigDict, params: Any) -> optax.GradientTransformation:
+  """SGD with momentum and weight decay; parameters frozen by `config.model.freeze_at` get no
+  update and no optimiser state."""
+  o = config.optim
+  parts = []
+  if o.grad_clip_norm > 0:
+    parts.append(optax.clip_by_global_norm(o.grad_clip_norm))
+  parts += [
+      optax.add_decayed_weights(o.weight_decay, mask=weight_decay_mask),
+      optax.sgd(learning_rate_schedule(config), momentum=o.momentum),
+  ]
+  frozen = models.frozen_mask(params, config.model.freeze_at)
+  labels = jax.tree.map(lambda f: 'frozen' if f else 'train', frozen)
+  return optax.multi_transform(
+      {'train': optax.chain(*parts), 'frozen': optax.set_to_zero()}, labels)
+
+
+def image_size(config: ml_collections.ConfigDict) -> tuple[int, int]:
+  return (config.data.image_size, config.data.image_size)
+
+
+def make_anchors(config: ml_collections.ConfigDict) -> np.ndarray:
+  """[N, 4] (x1, y1, x2, y2) anchors of the padded bucket, a constant of the compiled step."""
+  return anchors_lib.generate_anchors(config.anchors, config.model.min_level,
+                                      config.model.max_level, image_size(config))
+
+
+def normalize(batch: dict[str, jax.Array], config: ml_collections.ConfigDict) -> jax.Array:
+  return pipeline.normalize_images(batch['image'], batch['image_hw'], config.data.pixel_mean,
+                                   config.data.pixel_std)
+
+
+def train_step(state: TrainState, batch: dict[str, jax.Array], *, model, anchors: np.ndarray,
+               config: ml_collections.ConfigDict, tx: optax.GradientTransformation
+               ) -> tuple[TrainState, dict[str, jax.Array]]:
+  """One SGD step on the global batch. A non-finite loss or gradient leaves the state as it was
+  and records the step in `first_bad_step`, so nothing bad is ever written to a checkpoint."""
+  images = normalize(batch, config)
+  trains_bn = config.model.norm == 'bn'
+
+  def loss_fn(params):
+    variables = {'params': params, 'batch_stats': state.batch_stats}
+    if trains_bn:
+      outputs, updates = model.apply(variables, images, train=True, mutable=['batch_stats'])
+      new_stats = updates['batch_stats']
+    else:
+      outputs = model.apply(variables, images, train=True)
+      new_stats = state.batch_stats
+    loss, parts = losses.detection_loss(outputs, batch, jnp.asarray(anchors), config)
+    return loss, (parts, new_stats)
+
+  (loss, (parts, new_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  updates, new_opt_state = tx.update(grads, state.opt_state, state.params)
+  new_params = optax.apply_updates(state.params, updates)
+  grad_norm = optax.global_norm(grads)
+  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+  keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+  new_state = state.replace(
+      step=state.step + 1,
+      params=keep(new_params, state.params),
+      batch_stats=keep(new_stats, state.batch_stats),
+      opt_state=keep(new_opt_state, state.opt_state),
+      first_bad_step=jnp.where((state.first_bad_step < 0) & ~finite, state.step,
+                               state.first_bad_step))
+  metrics = {'loss': loss, 'grad_norm': grad_norm,
+             'learning_rate': learning_rate_schedule(config)(state.step), **parts}
+  return new_state, metrics
+
+
+def init_variables(config: ml_collections.ConfigDict, model, rng: jax.Array) -> dict[str, Any]:
+  variables = models.init_variables(model, rng, image_size(config))
+  variables = {'params': variables['params'], 'batch_stats': variables.get('batch_stats', {})}
+  if config.init_from:
+    variables = load_pretrained(variables, config.init_from)
+  return variables
+
+
+def load_pretrained(variables: dict[str, Any], path: str) -> dict[str, Any]:
+  """Overwrites every variable that the converted file has with the same path and shape.
+
+  What the file lacks (a fresh head, a new number of classes) keeps its initialisation; both
+  lists are logged, so a wrong file cannot pass silently as 'nothing loaded'.
+  """
+  if not os.path.exists(path):
+    raise FileNotFoundError(f'config.init_from={path!r} does not exist; make it with '
+                            'scripts/convert_torchvision.py')
+  loaded = flax.traverse_util.flatten_dict(convert.load_variables(path), sep='/')
+  ours = flax.traverse_util.flatten_dict(variables, sep='/')
+  used, kept, skipped = [], [], []
+  for key, value in ours.items():
+    if key in loaded and tuple(loaded[key].shape) == tuple(value.shape):
+      ours[key] = jnp.asarray(loaded[key], value.dtype)
+      used.append(key)
+    else:
+      kept.append(key)
+  skipped = [k for k in loaded if k not in ours or k in kept]
+  logging.info('init_from %s: loaded %d arrays; kept the initialisation of %d (%s); '
+               'unused in the file: %d (%s)', path, len(used), len(kept), ', '.join(kept[:20]),
+               len(skipped), ', '.join(skipped[:20]))
+  if not used:
+    raise ValueError(f'config.init_from={path!r}: no array matched the model; is it a file '
+                     'written by scripts/convert_torchvision.py for this backbone?')
+  return flax.traverse_util.unflatten_dict(ours, sep='/')
+
+
+def create_train_state(config, model, mesh, tx_fn=make_optimizer) -> tuple[TrainState, Any]:
+  """Initialises the replicated state directly on the mesh (no host copy of the parameters)."""
+  rng = jax.random.key(config.seed)
+  variables = jax.jit(functools.partial(init_variables, config, model))(rng) \
+      if not config.init_from else init_variables(config, model, rng)
+  tx = tx_fn(config, variables['params'])
+  replicated = sharding_lib.replicated(mesh)
+
+  @functools.partial(jax.jit, out_shardings=replicated)
+  def make(variables):
+    return TrainState(step=jnp.zeros((), jnp.int32), params=variables['params'],
+                      batch_stats=variables['batch_stats'],
+                      opt_state=tx.init(variables['params']),
+                      first_bad_step=jnp.full((), -1, jnp.int32))
+
+  return make(variables), tx
+
+
+def make_train_step(config, model, tx, mesh):
+  """The jitted step with explicit shardings; the state is donated."""
+  replicated = sharding_lib.replicated(mesh)
+  step_fn = functools.partial(train_step, model=model, anchors=make_anchors(config),
+                              config=config, tx=tx)
+  return jax.jit(step_fn, in_shardings=(replicated, sharding_lib.batch_sharding(mesh)),
+                 out_shardings=(replicated, replicated), donate_argnums=(0,))
+
+
+class MetricLogger:
+  """Metrics as JSON lines (`metrics.jsonl`) and TensorBoard events, written by host 0 only."""
+
+  def __init__(self, workdir: str):
+    self._active = jax.process_index() == 0
+    if not self._active:
+      return
+    self._jsonl = open(os.path.join(workdir, 'metrics.jsonl'), 'a')
+    from tensorboardX import SummaryWriter  # Imported lazily: it pulls in protobuf.
+    self._tb = SummaryWriter(os.path.join(workdir, 'tensorboard'))
+
+  def write(self, step: int, metrics: dict[str, float], prefix: str = 'train'):
+    if not self._active:
+      return
+    record = {'step': step, **{f'{prefix}/{k}': float(v) for k, v in metrics.items()}}
+    self._jsonl.write(json.dumps(record) + '\n')
+    self._jsonl.flush()
+    for key, value in record.items():
+      if key != 'step' and math.isfinite(value):
+        self._tb.add_scalar(key, value, step)
+    self._tb.flush()
+
+  def close(self):
+    if self._active:
+      self._jsonl.close()
+      self._tb.close()
+
+
+class Preemption:
+  """SIGTERM on any host asks every host to save and stop at the same step."""
+
+  def __init__(self):
+    self.requested = False
+    if jax.process_count() == 1:
+      signal.signal(signal.SIGTERM, self._handler)
+
+  def _handler(self, signum, frame):
+    del signum, frame
+    self.requested = True
+
+  def reached(self, step: int) -> bool:
+    if jax.process_count() > 1:
+      return multihost_utils.reached_preemption_sync_point(step)
+    return self.requested
+
+
+class NonFiniteError(RuntimeError):
+  pass
+
+
+def _format_eta(seconds: float) -> str:
+  seconds = int(max(seconds, 0))
+  return f'{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}'
+
+
+def validate_config(config: ml_collections.ConfigDict):
+  stride = 2 ** config.model.max_level
+  if config.data.image_size % stride:
+    raise ValueError(f'config.data.image_size={config.data.image_size} must be a multiple of '
+                     f'{stride} (the stride of P{config.model.max_level})')
+  if len(config.anchors.sizes) != config.model.max_level - config.model.min_level + 1:
+    raise ValueError('config.anchors.sizes needs one base size per level '
+                     f'P{config.model.min_level}..P{config.model.max_level}')
+
+
+def write_config(config: ml_collections.ConfigDict, workdir: str):
+  if jax.process_index() == 0:
+    epath.Path(workdir).mkdir(parents=True, exist_ok=True)
+    (epath.Path(workdir) / 'config.json').write_text(config.to_json_best_effort(indent=2))
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
+  """Trains (resuming from the newest checkpoint in `workdir`), evaluates, returns the state."""
+  from retina_jax import evaluate as evaluate_lib  # The evaluation side imports train helpers.
+
+  validate_config(config)
+  epath.Path(workdir).mkdir(parents=True, exist_ok=True)
+  mesh = sharding_lib.make_mesh(config)
+  sharding_lib.check_batch_size(config.batch_size, mesh)
+  source = pipeline.create_source(config.data, config.data.train_split)
+  categories = source.categories
+  if categories.num_classes != config.model.num_classes:
+    raise ValueError(
+        f'The training split of {config.data.name!r} has {categories.num_classes} categories '
+        f'but config.model.num_classes={config.model.num_classes}; set '
+        f'--config.model.num_classes={categories.num_classes}')
+  config = ml_collections.ConfigDict(config.to_dict())
+  config.categories = categories.to_json()
+  write_config(config, workdir)
+
+  model = models.create_model(config)
+  state, tx = create_train_state(config, model, mesh)
+  manager = ckpt.make_manager(workdir, config.keep_checkpoints)
+  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+                          state)
+  restored = ckpt.restore_latest(manager, abstract)
+  if restored is not None:
+    state = restored
+    if int(state.first_bad_step) >= 0:
+      raise NonFiniteError(f'the checkpoint in {workdir} recorded a non-finite step '
+                           f'{int(state.first_bad_step)}')
+  start_step = int(jax.device_get(state.step))
+  logging.info('Starting at step %d of %d (%s)', start_step, config.num_train_steps,
+               'resumed' if restored is not None else 'fresh')
+  step_fn = make_train_step(config, model, tx, mesh)
+  loader = pipeline.TrainLoader(source, config.data, config.batch_size, config.seed,
+                                process_index=jax.process_index(),
+                                process_count=jax.process_count())
+  logger = MetricLogger(workdir)
+  preemption = Preemption()
+  pending: list[dict[str, jax.Array]] = []
+  timer_step, timer_start = start_step, time.perf_counter()
+
+  def last_good_checkpoint():
+    return manager.latest_step()
+
+  try:
+    batches = loader.iterate(start_step)
+    for step in range(start_step + 1, config.num_train_steps + 1):
+      host_batch = next(batches)
+      state, metrics = step_fn(state, sharding_lib.to_global(host_batch, mesh))
+      pending.append(metrics)
+      if step == start_step + 1:
+        # The first step includes compilation: start the clock for images/s and ETA after it.
+        jax.block_until_ready(metrics)
+        timer_step, timer_start = step, time.perf_counter()
+      is_last = step == config.num_train_steps
+      if preemption.reached(step):
+        ckpt.save(manager, state, force=True)
+        manager.wait_until_finished()
+        logging.info('Preempted: saved step %d; re-run the same command to resume.', step)
+        return state
+      if step % config.log_every_steps == 0 or is_last:
+        bad = int(jax.device_get(state.first_bad_step))
+        if bad >= 0:
+          raise NonFiniteError(
+              f'Non-finite loss or gradient at step {bad + 1}; stopped without saving. The last '
+              f'good checkpoint is step {last_good_checkpoint()} in {workdir}.')
+        summary = jax.tree.map(lambda *x: float(np.mean(x)), *jax.device_get(pending))
+        pending = []
+        now = time.perf_counter()
+        if step - timer_step > 0:
+          per_step = (now - timer_start) / (step - timer_step)
+          summary['images_per_second'] = config.batch_size / per_step
+          eta = _format_eta(per_step * (config.num_train_steps - step))
+        else:
+          eta = '?'
+        timer_step, timer_start = step, now
+        logger.write(step, summary)
+        logging.info('step %d/%d  loss %.4f (cls %.4f box %.4f)  fg %.1f  lr %.5f  %.1f img/s  '
+                     'ETA %s', step, config.num_train_steps, summary['loss'],
+                     summary['cls_loss'], summary['box_loss'], summary['num_foreground'],
+                     summary['learning_rate'], summary.get('images_per_second', 0.0), eta)
+      if step % config.checkpoint_every_steps == 0 or is_last:
+        if int(jax.device_get(state.first_bad_step)) >= 0:
+          raise NonFiniteError(
+              f'Non-finite loss or gradient at step {int(state.first_bad_step) + 1}; stopped '
+              f'without saving. The last good checkpoint is step {last_good_checkpoint()}.')
+        ckpt.save(manager, state)
+      if (config.eval_every_steps and step % config.eval_every_steps == 0) or is_last:
+        variables = {'params': state.params, 'batch_stats': state.batch_stats}
+        eval_metrics = evaluate_lib.evaluate_variables(config, variables, workdir, mesh=mesh)
+        logger.write(step, {k: v for k, v in eval_metrics.items()
+                            if isinstance(v, (int, float))}, prefix='eval')
+        timer_start = time.perf_counter()
+  finally:
+    manager.wait_until_finished()
+    logger.close()
+  return state

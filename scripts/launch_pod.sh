@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# Runs the same retina_jax command on every host of a TPU VM pod slice.
+#
+#   scripts/launch_pod.sh --name my-v4-32 --zone us-central2-b [--dry-run] [--setup] \
+#       -- -m retina_jax.main --config experiments/retinanet_r50_coco.py:batch=64 \
+#          --workdir gs://my-bucket/r50
+#
+# Every host runs `python3 <args> --distributed` from the repository's directory on the VM
+# (--repo_dir, default ~/retina_jax); jax.distributed.initialize() finds the peers. --setup first
+# copies this checkout to every host and installs requirements.txt plus jax[tpu].
+# --dry-run prints the exact gcloud commands instead of running them.
+set -euo pipefail
+name="" zone="" dry_run=0 setup=0 repo_dir='~/retina_jax' project=""
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --name) name="$2"; shift 2 ;;
+    --zone) zone="$2"; shift 2 ;;
+    --project) project="$2"; shift 2 ;;
+    --repo_dir) repo_dir="$2"; shift 2 ;;
+    --dry-run) dry_run=1; shift ;;
+    --setup) setup=1; shift ;;
+    --) shift; break ;;
+    *) echo "unknown option $1 (the training command goes after --)" >&2; exit 2 ;;
+  esac
+done
+if [ -z "$name" ] || [ -z "$zone" ] || [ $# -eq 0 ]; then
+  echo "usage: $0 --name TPU_NAME --zone ZONE [--project P] [--dry-run] [--setup] -- ARGS..." >&2
+  exit 2
+fi
+base=(gcloud compute tpus tpu-vm)
+target=("$name" "--zone=$zone" "--worker=all")
+[ -n "$project" ] && target+=("--project=$project")
+quoted=$(printf '%q ' "$@")
+jax_version=$(sed -n 's/^jax==//p' "$(dirname "$0")/../requirements.txt")
+run() {
+  if [ "$dry_run" = 1 ]; then printf '%q ' "$@"; echo; else "$@"; fi
+}
+if [ "$setup" = 1 ]; then
+  run "${base[@]}" scp --recurse "$(cd "$(dirname "$0")/.." && pwd)" "${target[0]}:$repo_dir" "${target[@]:1}"
+  run "${base[@]}" ssh "${target[@]}" --command="cd $repo_dir && python3 -m pip install -q -r requirements.txt 'jax[tpu]==$jax_version' && python3 -m pip install -q --no-deps -e ."
+fi
+run "${base[@]}" ssh "${target[@]}" --command="cd $repo_dir && python3 $quoted--distributed"

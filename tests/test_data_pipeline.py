@@ -1,0 +1,241 @@
+"""The pipeline: resize/flip/pad against numpy oracles, resume determinism, hosts, eval coverage."""
+
+import os
+import shutil
+import threading
+import time
+
+import jax
+import numpy as np
+import pytest
+from PIL import Image
+
+from retina_jax import config as config_lib
+from retina_jax.data import pipeline
+from retina_jax.data.coco_format import BadImageError
+
+NUM_TRAIN, NUM_EVAL = 11, 7
+
+
+@pytest.fixture(scope='module')
+def shapes_root(tmp_path_factory):
+  cfg = _config(str(tmp_path_factory.mktemp('shapes')))
+  pipeline.create_source(cfg, 'train')  # Generates.
+  return cfg.root
+
+
+def _config(root, **overrides):
+  cfg = config_lib.get_base_config().data
+  cfg.name, cfg.root = 'shapes', root
+  cfg.shapes_num_train, cfg.shapes_num_eval = NUM_TRAIN, NUM_EVAL
+  cfg.min_size, cfg.max_size, cfg.image_size, cfg.max_boxes = 128, 192, 128, 12
+  cfg.num_workers = 2
+  cfg.update(overrides)
+  return cfg
+
+
+def _example(h=30, w=40, n=3, crowd=(False, True, False)):
+  rng = np.random.default_rng(0)
+  xy = rng.uniform(0, 15, (n, 2))
+  return {'image': rng.integers(0, 256, (h, w, 3), dtype=np.uint8),
+          'boxes': np.concatenate([xy, xy + rng.uniform(2, 14, (n, 2))], 1).astype(np.float32),
+          'labels': np.arange(n, dtype=np.int32) + 1, 'is_crowd': np.asarray(crowd),
+          'image_id': 42}
+
+
+@pytest.mark.parametrize('flip', [False, True])
+def test_preprocess_matches_numpy_oracle(flip):
+  ex = _example()
+  row = pipeline.preprocess(ex, min_size=64, max_size=100, image_size=128, max_boxes=5, flip=flip)
+  scale = 64 / 30
+  nh, nw = 64, round(40 * scale)
+  assert row['scale'] == np.float32(scale)
+  np.testing.assert_array_equal(row['image_hw'], [nh, nw])
+  np.testing.assert_array_equal(row['orig_hw'], [30, 40])
+  resized = np.asarray(Image.fromarray(ex['image']).resize((nw, nh), Image.BILINEAR))
+  boxes = ex['boxes'] * scale
+  if flip:
+    resized = resized[:, ::-1]
+    boxes = np.stack([nw - boxes[:, 2], boxes[:, 1], nw - boxes[:, 0], boxes[:, 3]], 1)
+  np.testing.assert_array_equal(row['image'][:nh, :nw], resized)
+  assert not row['image'][nh:].any() and not row['image'][:, nw:].any()
+  order = [0, 2, 1]  # Crowd regions go last.
+  np.testing.assert_allclose(row['boxes'][:3], boxes[order], rtol=1e-6)
+  np.testing.assert_array_equal(row['labels'], [1, 3, 2, 0, 0])
+  np.testing.assert_array_equal(row['is_crowd'], [False, False, True, False, False])
+  np.testing.assert_array_equal(row['box_valid'], [True] * 3 + [False] * 2)
+  assert not row['boxes'][3:].any()
+  assert row['image_id'] == 42 and row['example_valid']
+
+
+def test_resize_caps_and_max_boxes():
+  ex = _example(h=30, w=120, n=4, crowd=(True, False, False, False))
+  row = pipeline.preprocess(ex, min_size=64, max_size=200, image_size=128, max_boxes=2, flip=False)
+  np.testing.assert_array_equal(row['image_hw'], [32, 128])  # Bucket cap beats max_size.
+  assert row['scale'] == np.float32(128 / 120)
+  np.testing.assert_array_equal(row['labels'], [2, 3])  # Crowd dropped first, then the last.
+  assert row['box_valid'].all() and not row['is_crowd'].any()
+  assert pipeline.resize_scale(800, 1200, 800, 1333, 1408) == 1.0
+  assert pipeline.resize_scale(400, 1200, 800, 1333, 1408) == 1333 / 1200
+
+
+def test_normalize_images_matches_oracle_and_zeros_padding():
+  rng = np.random.default_rng(0)
+  images = rng.integers(0, 256, (2, 8, 8, 3), dtype=np.uint8)
+  hw = np.asarray([[5, 8], [8, 3]], np.int32)
+  mean, std = (1.0, 2.0, 3.0), (2.0, 4.0, 8.0)
+  got = np.asarray(jax.jit(pipeline.normalize_images, static_argnums=(2, 3))(images, hw, mean, std))
+  want = (images - np.asarray(mean)) / np.asarray(std)
+  want[0, 5:] = 0
+  want[1, :, 3:] = 0
+  assert got.dtype == np.float32
+  np.testing.assert_allclose(got, want, rtol=1e-6)
+  assert (got[0, 5:] == 0).all() and (got[1, :, 3:] == 0).all()
+
+
+def _equal(a, b):
+  return all(np.array_equal(a[k], b[k]) for k in a) and a.keys() == b.keys()
+
+
+def test_batches_are_a_pure_function_of_seed_and_step(shapes_root):
+  cfg = _config(shapes_root)
+  src = pipeline.create_source(cfg, 'train')
+  loader = pipeline.TrainLoader(src, cfg, 4, seed=1, process_index=0, process_count=1)
+  it = loader.iterate(0)
+  straight = [next(it) for _ in range(6)]
+  it.close()
+  other = pipeline.TrainLoader(src, _config(shapes_root, num_workers=1, prefetch_batches=1), 4,
+                               seed=1, process_index=0, process_count=1)
+  resumed = other.iterate(3)
+  for step in range(3, 6):
+    assert _equal(next(resumed), straight[step])
+  assert _equal(other.batch(1), straight[1])
+  reseeded = pipeline.TrainLoader(src, cfg, 4, seed=2, process_index=0, process_count=1)
+  assert not np.array_equal(reseeded.batch(0)['image_id'], straight[0]['image_id'])
+
+
+def test_each_epoch_sees_every_example_once_across_batch_boundaries(shapes_root):
+  cfg = _config(shapes_root)
+  loader = pipeline.TrainLoader(pipeline.create_source(cfg, 'train'), cfg, 4, seed=0,
+                                process_index=0, process_count=1)
+  order = np.concatenate([loader.example_indices(s)[0] for s in range(9)])  # 36 = 3 epochs + 3.
+  epochs = [order[e * NUM_TRAIN:(e + 1) * NUM_TRAIN] for e in range(3)]
+  for e in epochs:
+    np.testing.assert_array_equal(np.sort(e), np.arange(NUM_TRAIN))
+  assert not np.array_equal(epochs[0], epochs[1])
+  flips = np.concatenate([loader.example_indices(s)[1] for s in range(9)])
+  assert 0 < flips.sum() < len(flips)
+
+
+def test_flip_mirrors_boxes_and_pixels(shapes_root):
+  src = pipeline.create_source(_config(shapes_root), 'train')
+  flipped = pipeline.TrainLoader(src, _config(shapes_root), 8, seed=0, process_index=0,
+                                 process_count=1)
+  plain = pipeline.TrainLoader(src, _config(shapes_root, random_flip=False), 8, seed=0,
+                               process_index=0, process_count=1)
+  a, b = flipped.batch(0), plain.batch(0)
+  np.testing.assert_array_equal(a['image_id'], b['image_id'])
+  flips = flipped.example_indices(0)[1]
+  for r in range(8):
+    h, w = b['image_hw'][r]
+    bb = b['boxes'][r][b['box_valid'][r]]
+    ab = a['boxes'][r][a['box_valid'][r]]
+    if flips[r]:
+      np.testing.assert_array_equal(a['image'][r, :h, :w], b['image'][r, :h, :w][:, ::-1])
+      np.testing.assert_allclose(ab, np.stack([w - bb[:, 2], bb[:, 1], w - bb[:, 0], bb[:, 3]], 1))
+    else:
+      np.testing.assert_array_equal(ab, bb)
+
+
+def test_hosts_take_their_rows_of_the_same_global_batch(shapes_root):
+  cfg = _config(shapes_root)
+  src = pipeline.create_source(cfg, 'train')
+  whole = pipeline.TrainLoader(src, cfg, 6, seed=0, process_index=0, process_count=1).batch(2)
+  parts = [pipeline.TrainLoader(src, cfg, 6, seed=0, process_index=i, process_count=3).batch(2)
+           for i in range(3)]
+  assert parts[0]['image'].shape[0] == 2
+  for k in whole:
+    np.testing.assert_array_equal(np.concatenate([p[k] for p in parts]), whole[k])
+  with pytest.raises(ValueError, match='not divisible'):
+    pipeline.TrainLoader(src, cfg, 5, seed=0, process_index=0, process_count=2)
+
+
+@pytest.mark.parametrize('num_images', [0, 5])
+def test_eval_sees_every_image_once_across_hosts(shapes_root, num_images):
+  cfg = _config(shapes_root)
+  src = pipeline.create_source(cfg, 'validation')
+  n = num_images or NUM_EVAL
+  per_host = [list(pipeline.eval_batches(src, cfg, 4, process_index=i, process_count=2,
+                                         num_images=num_images)) for i in range(2)]
+  assert len(per_host[0]) == len(per_host[1]) == pipeline.num_eval_batches(n, 4)
+  ids = np.concatenate([b['image_id'][b['example_valid']] for bs in per_host for b in bs])
+  np.testing.assert_array_equal(np.sort(ids), np.sort(src.image_ids[:n]))
+  padding = np.concatenate([b['image_id'][~b['example_valid']] for bs in per_host for b in bs])
+  assert len(padding) == 8 * pipeline.num_eval_batches(n, 4) // 2 - n and (padding == -1).all()
+  first = per_host[0][0]
+  assert first['image'].shape == (2, 128, 128, 3)
+  np.testing.assert_array_equal(first['orig_hw'][0], src.original_hw[0])
+  np.testing.assert_allclose(first['scale'][0], first['image_hw'][0].max() / src.original_hw[0].max(),
+                             rtol=0.02)
+  gt = src.coco_gt(num_images)
+  assert sorted(im['id'] for im in gt['images']) == sorted(ids.tolist())
+
+
+def test_unreadable_image_fails_or_is_skipped(shapes_root, tmp_path):
+  root = shutil.copytree(shapes_root, tmp_path / 'copy')
+  data_dir = next(p for p in root.iterdir() if p.name.startswith('shapes-'))
+  victim = sorted((data_dir / 'train').iterdir())[0]
+  victim.write_bytes(victim.read_bytes()[:100])  # Truncated JPEG.
+  cfg = _config(str(root))
+  src = pipeline.create_source(cfg, 'train')
+  loader = pipeline.TrainLoader(src, cfg, NUM_TRAIN, seed=0, process_index=0, process_count=1)
+  with pytest.raises(BadImageError, match=rf'{victim.name}.*image id 1\b'):
+    next(loader.iterate(0))
+  cfg = _config(str(root), skip_bad_images=True)
+  batch = pipeline.TrainLoader(src, cfg, NUM_TRAIN, seed=0, process_index=0,
+                               process_count=1).batch(0)
+  bad = batch['image_id'] == 1
+  assert bad.sum() == 1 and not batch['example_valid'][bad].any()
+  assert batch['example_valid'][~bad].all() and not batch['box_valid'][bad].any()
+
+
+def test_image_size_must_be_a_multiple_of_128(shapes_root):
+  cfg = _config(shapes_root, image_size=200)
+  with pytest.raises(ValueError, match='multiple of 128'):
+    pipeline.TrainLoader(pipeline.create_source(cfg, 'train'), cfg, 2, seed=0, process_index=0,
+                         process_count=1)
+
+
+def test_bad_source_names():
+  cfg = _config('')
+  cfg.name = 'coco_format'
+  with pytest.raises(ValueError, match='config.data.root'):
+    pipeline.create_source(cfg, 'train')
+  cfg.name = 'shapes'
+  cfg.root = os.devnull + '_never_used'
+  with pytest.raises(ValueError, match="not 'val2017'"):
+    pipeline.create_source(cfg, 'val2017')
+
+
+def test_too_many_objects_are_counted_at_start_up(shapes_root, caplog):
+  cfg = _config(shapes_root, max_boxes=1)
+  src = pipeline.create_source(cfg, 'train')
+  with caplog.at_level('WARNING'):
+    loader = pipeline.TrainLoader(src, cfg, 2, seed=0, process_index=0, process_count=1)
+  over = int((src.object_counts > 1).sum())
+  assert over > 0 and f'{over} images have more than max_boxes=1' in caplog.text
+  assert loader.batch(0)['box_valid'].sum(axis=1).max() == 1
+
+
+def test_closing_the_iterator_stops_its_thread(shapes_root):
+  cfg = _config(shapes_root, prefetch_batches=1)
+  loader = pipeline.TrainLoader(pipeline.create_source(cfg, 'train'), cfg, 2, seed=0,
+                                process_index=0, process_count=1)
+  it = loader.iterate(0)
+  next(it)
+  it.close()
+  deadline = time.monotonic() + 5
+  while time.monotonic() < deadline and any(
+      t.name == 'retina_jax-prefetch' for t in threading.enumerate()):
+    time.sleep(0.05)
+  assert not any(t.name == 'retina_jax-prefetch' for t in threading.enumerate())

@@ -1,0 +1,101 @@
+"""Experiment files are data: they load, their sweeps expand, and the sweep script wires them."""
+
+import glob
+import importlib.util
+import os
+import subprocess
+import sys
+
+import pytest
+
+from retina_jax import config as config_lib
+from retina_jax import hyper
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _load(path):
+  spec = importlib.util.spec_from_file_location('experiment', path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+EXPERIMENTS = sorted(p for p in glob.glob(os.path.join(ROOT, 'experiments', '**', '*.py'),
+                                         recursive=True)
+                     if os.path.basename(p) != '__init__.py')
+
+
+@pytest.mark.parametrize('path', EXPERIMENTS, ids=lambda p: os.path.relpath(p, ROOT))
+def test_every_experiment_file_builds_a_complete_config(path):
+  config = _load(path).get_config()
+  base = config_lib.get_base_config()
+  # Experiments only set fields: the set of fields is the base config's.
+  def keys(c, prefix=''):
+    out = set()
+    for k, v in c.items():
+      out |= keys(v, prefix + k + '.') if hasattr(v, 'items') else {prefix + k}
+    return out
+  assert keys(config) == keys(base)
+  assert config.data.image_size % 2 ** config.model.max_level == 0
+
+
+def test_parse_arg_types_and_errors():
+  arg = config_lib.parse_arg('res=600,sched=3x', res=800, sched='1x')
+  assert arg.res == 600 and arg.sched == '3x'
+  assert config_lib.parse_arg('600', res=800, sched='1x').res == 600
+  with pytest.raises(ValueError, match='unknown key'):
+    config_lib.parse_arg('resolution=600', res=800)
+
+
+def test_r50_scale_and_schedule_arguments():
+  module = _load(os.path.join(ROOT, 'experiments', 'retinanet_r50_coco.py'))
+  c = module.get_config('res=600,sched=1x,batch=64')
+  assert (c.data.min_size, c.data.max_size, c.data.image_size) == (600, 1000, 1024)
+  assert c.num_train_steps == 90_000 // 4 and c.optim.decay_steps == (15_000, 20_000)
+  c = module.get_config(None)
+  assert (c.data.min_size, c.data.max_size, c.data.image_size) == (800, 1333, 1408)
+
+
+def test_hyper_product_zip_chain():
+  s = hyper.product([hyper.sweep('config.a', [1, 2]), hyper.sweep('config.b', ['x', 'y'])])
+  assert s == [{'config.a': 1, 'config.b': 'x'}, {'config.a': 1, 'config.b': 'y'},
+               {'config.a': 2, 'config.b': 'x'}, {'config.a': 2, 'config.b': 'y'}]
+  z = hyper.zipit([hyper.sweep('config.a', [1, 2]), hyper.sweep('config.b', [3, 4])])
+  assert z == [{'config.a': 1, 'config.b': 3}, {'config.a': 2, 'config.b': 4}]
+  assert len(hyper.chainit([s, z])) == 6
+  with pytest.raises(ValueError):
+    hyper.zipit([hyper.sweep('config.a', [1]), hyper.sweep('config.b', [3, 4])])
+  assert hyper.to_flags({'config.anchors.scales': (1.0,)}) == ['--config.anchors.scales=(1.0,)']
+
+
+def test_focal_sweep_reproduces_paper_tables():
+  module = _load(os.path.join(ROOT, 'experiments', 'focal_sweep.py'))
+  table_1b = module.get_sweep(hyper, 'table=1b')
+  assert [(s['config.loss.gamma'], s['config.loss.alpha']) for s in table_1b] == \
+      list(module.TABLE_1B)
+  table_1a = module.get_sweep(hyper, 'table=1a')
+  assert all(s['config.loss.gamma'] == 0.0 for s in table_1a) and len(table_1a) == 7
+
+
+def test_sweep_script_dry_run_lists_one_workdir_per_setting(tmp_path):
+  out = subprocess.run(
+      [sys.executable, os.path.join(ROOT, 'scripts', 'sweep.py'),
+       os.path.join(ROOT, 'experiments', 'anchors_sweep.py'), '--dry-run',
+       '--workdir_root', str(tmp_path)], capture_output=True, text=True, check=True, cwd=ROOT)
+  lines = [l for l in out.stdout.splitlines() if 'retina_jax.main' in l]
+  assert len(lines) == 7
+  workdirs = {l.split('--workdir=')[1].split()[0] for l in lines}
+  assert len(workdirs) == 7
+  assert any('--config.anchors.scales=(1.0,)' in l for l in lines)
+
+
+def test_launch_pod_dry_run_prints_gcloud_for_all_workers():
+  out = subprocess.run(
+      ['bash', os.path.join(ROOT, 'scripts', 'launch_pod.sh'), '--name', 'v4-32', '--zone',
+       'us-central2-b', '--dry-run', '--', '-m', 'retina_jax.main', '--config',
+       'experiments/retinanet_r50_coco.py', '--workdir', 'gs://b/r50'],
+      capture_output=True, text=True, check=True)
+  assert 'gcloud compute tpus tpu-vm ssh v4-32' in out.stdout
+  assert '--worker=all' in out.stdout and 'retina_jax.main' in out.stdout
+  assert '--distributed' in out.stdout
