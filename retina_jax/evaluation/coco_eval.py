@@ -194,13 +194,14 @@ def _empty_metrics(gt, cats) -> dict[str, Any]:
 
 
 def format_table(metrics: Mapping[str, Any], per_class: bool = True) -> str:
-  """A plain-text table of the 12 COCO numbers (in percent) and, optionally, per-class AP."""
-  lines = ['metric   value']
-  lines += [f'{name:<8} {100 * metrics[name]:6.2f}' for name in METRIC_NAMES]
+  """A plain-text table of the 12 COCO numbers (in percent) and, optionally, per-class AP;
+  'n/a' where there was nothing to measure (-1)."""
+  pct = lambda v: f'{100 * v:6.2f}' if v >= 0 else f'{"n/a":>6}'
+  lines = [f'{"metric":<8} {"value":>6}']
+  lines += [f'{name:<8} {pct(metrics[name])}' for name in METRIC_NAMES]
   if per_class and metrics.get('per_class_AP'):
-    width = max(len(n) for n in metrics['per_class_AP'])
+    width = max([len('class')] + [len(n) for n in metrics['per_class_AP']])
     lines.append('')
-    lines.append(f'{"class":<{width}}  AP')
-    for name, ap in metrics['per_class_AP'].items():
-      lines.append(f'{name:<{width}}  {100 * ap:6.2f}' if ap >= 0 else f'{name:<{width}}     n/a')
+    lines.append(f'{"class":<{width}}  {"AP":>6}')
+    lines += [f'{name:<{width}}  {pct(ap)}' for name, ap in metrics['per_class_AP'].items()]
   return '\n'.join(lines)
