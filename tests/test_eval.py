@@ -270,3 +270,55 @@ def test_evaluate_cli_on_a_checkpoint(coco_dir, tmp_path):
   assert per_image == {im['id']: 3 for im in gt['images']}  # The override reached the detector.
   metrics = json.loads((workdir / 'metrics_val.json').read_text())
   assert metrics == coco_eval.evaluate_detections(gt, results)
+
+
+_EVAL_WORKER = textwrap.dedent('''
+  import sys
+  import jax
+  jax.config.update('jax_cpu_collectives_implementation', 'gloo')
+  port, pid, root, out = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
+  jax.distributed.initialize(f'127.0.0.1:{port}', num_processes=2, process_id=pid)
+  from retina_jax import evaluate
+  from tests import tiny_detector
+  config = tiny_detector.coco_dir_config(root)
+  variables = tiny_detector.random_variables(config)
+  metrics = evaluate.evaluate_variables(config, variables, out if pid == 0 else '')
+  print('AP', metrics['AP'])
+''')
+
+
+@pytest.mark.slow
+def test_two_host_evaluation_equals_one_host(coco_dir, tmp_path):
+  """2 processes x 2 devices, global eval batch 4 split 2 + 2, 6 images: same detections."""
+  from retina_jax import evaluate as evaluate_lib  # pylint: disable=g-import-not-at-top
+  from tests import tiny_detector  # pylint: disable=g-import-not-at-top
+  root, _ = coco_dir
+  with socket.socket() as s:
+    s.bind(('127.0.0.1', 0))
+    port = s.getsockname()[1]
+  script = tmp_path / 'worker.py'
+  script.write_text(_EVAL_WORKER)
+  out = tmp_path / 'two_hosts'
+  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=2',
+             JAX_PLATFORMS='cpu',
+             PYTHONPATH=os.pathsep.join([os.getcwd(), os.environ.get('PYTHONPATH', '')]))
+  procs = [subprocess.Popen([sys.executable, str(script), str(port), str(i), str(root), str(out)],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+           for i in range(2)]
+  for p in procs:
+    _, err = p.communicate(timeout=300)
+    assert p.returncode == 0, err[-3000:]
+  two = json.loads((out / 'detections_val.json').read_text())
+
+  config = tiny_detector.coco_dir_config(root)
+  one_dir = tmp_path / 'one_host'
+  evaluate_lib.evaluate_variables(config, tiny_detector.random_variables(config), str(one_dir))
+  one = json.loads((one_dir / 'detections_val.json').read_text())
+  key = lambda r: (r['image_id'], -round(r['score'], 4), r['category_id'])
+  assert len(two) == len(one)
+  for a, b in zip(sorted(two, key=key), sorted(one, key=key)):
+    assert (a['image_id'], a['category_id']) == (b['image_id'], b['category_id'])
+    assert a['score'] == pytest.approx(b['score'], abs=1e-4)
+    np.testing.assert_allclose(a['bbox'], b['bbox'], atol=1e-2)
+  assert json.loads((out / 'metrics_val.json').read_text())['AP'] == pytest.approx(
+      json.loads((one_dir / 'metrics_val.json').read_text())['AP'])
