@@ -149,3 +149,35 @@ def test_export_cli_from_checkpoint_then_evaluate_exported(tmp_path):
   results = json.loads((out / 'detections_val.json').read_text())
   assert {r['image_id'] for r in results} == {im['id'] for im in gt['images']}
   assert 'AP75' in proc.stdout
+
+
+def _cuda_devices():
+  import jax  # pylint: disable=g-import-not-at-top
+  try:
+    return jax.devices('cuda')
+  except RuntimeError:
+    return []
+
+
+@pytest.mark.skipif(not _cuda_devices(), reason='needs a CUDA device (run with '
+                    'JAX_PLATFORMS=cuda,cpu on a GPU machine)')
+def test_exported_detector_on_gpu_matches_cpu(tmp_path):
+  """The one export (lowered here for cpu, cuda, tpu) runs on a GPU with the CPU's detections."""
+  import jax  # pylint: disable=g-import-not-at-top
+  config = tiny_detector.tiny_config()
+  variables = tiny_detector.random_variables(config)
+  out_dir = str(tmp_path / 'export')
+  export_lib.write_export(out_dir, config, variables, tiny_detector.CATEGORIES)
+  with open(os.path.join(out_dir, 'detect.jax_exported'), 'rb') as f:
+    detect = jax.export.deserialize(bytearray(f.read()))
+  params = export_lib.load_params(out_dir)
+  images, image_hw = tiny_detector.random_images(3, config.data.image_size)
+  outs = []
+  for device in (jax.devices('cpu')[0], _cuda_devices()[0]):
+    args = jax.device_put((params, images, image_hw), device)
+    outs.append(jax.tree.map(np.asarray, detect.call(*args)))
+  cpu, gpu = outs
+  np.testing.assert_array_equal(gpu['valid'].sum(1), cpu['valid'].sum(1))
+  # Sorted scores and the best box per image: robust to the order of near-ties in NMS.
+  np.testing.assert_allclose(np.sort(gpu['scores'], 1), np.sort(cpu['scores'], 1), atol=1e-3)
+  np.testing.assert_allclose(gpu['boxes'][:, 0], cpu['boxes'][:, 0], atol=0.1)
