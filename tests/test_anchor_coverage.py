@@ -1,7 +1,6 @@
 """Anchor coverage: best-anchor IoU against a brute-force numpy oracle, size classes, CLI."""
 
 import json
-import os
 import subprocess
 import sys
 
@@ -12,6 +11,7 @@ from PIL import Image
 from retina_jax import anchors as anchors_lib
 from retina_jax.config import get_base_config
 from retina_jax.tools import anchor_coverage
+from tests import tiny_detector
 
 
 def _config():
@@ -103,7 +103,7 @@ def test_cli_on_a_coco_format_directory(tmp_path):
       "  c.data.train_split = 'train'\n"
       '  return c\n')
   out = tmp_path / 'coverage.json'
-  env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.getcwd(), os.environ.get('PYTHONPATH', '')]))
+  env = tiny_detector.subprocess_env()
   proc = subprocess.run([sys.executable, '-m', 'retina_jax.tools.anchor_coverage',
                          f'--config={config_file}', '--config.anchors.offset=0.5',
                          f'--json={out}'], env=env, capture_output=True, text=True, timeout=300)

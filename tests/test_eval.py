@@ -1,7 +1,6 @@
 """COCO evaluation: ground truth fed back scores AP 1, empty results, de-duplication, gather."""
 
 import json
-import os
 import socket
 import subprocess
 import sys
@@ -11,6 +10,7 @@ import numpy as np
 import pytest
 
 from retina_jax.evaluation import coco_eval
+from tests import tiny_detector
 
 # Non-contiguous, unordered category ids, as COCO's (1..90 with gaps).
 _CATEGORIES = [{'id': 90, 'name': 'toothbrush'}, {'id': 3, 'name': 'car'},
@@ -174,9 +174,8 @@ def test_gather_across_two_processes_counts_each_image_once(tmp_path):
     port = s.getsockname()[1]
   script = tmp_path / 'worker.py'
   script.write_text(_GATHER_WORKER)
-  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=1',
-             JAX_PLATFORMS='cpu',
-             PYTHONPATH=os.pathsep.join([os.getcwd(), os.environ.get('PYTHONPATH', '')]))
+  env = tiny_detector.subprocess_env(
+      XLA_FLAGS='--xla_force_host_platform_device_count=1', JAX_PLATFORMS='cpu')
   procs = [subprocess.Popen([sys.executable, str(script), str(port), str(i)], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
            for i in range(2)]
@@ -205,7 +204,6 @@ def _write_checkpoint(workdir, variables, step):
 
 @pytest.fixture(scope='module')
 def coco_dir(tmp_path_factory):
-  from tests import tiny_detector  # pylint: disable=g-import-not-at-top
   root = tmp_path_factory.mktemp('coco')
   return root, tiny_detector.write_coco_dir(str(root))
 
@@ -215,7 +213,6 @@ def test_evaluate_variables_matches_single_image_prediction(coco_dir, tmp_path):
   from retina_jax import evaluate as evaluate_lib  # pylint: disable=g-import-not-at-top
   from retina_jax import inference  # pylint: disable=g-import-not-at-top
   from retina_jax import predict as predict_lib  # pylint: disable=g-import-not-at-top
-  from tests import tiny_detector  # pylint: disable=g-import-not-at-top
   root, gt = coco_dir
   config = tiny_detector.coco_dir_config(root)
   config.num_demo_pictures = 2
@@ -250,14 +247,13 @@ def test_evaluate_variables_matches_single_image_prediction(coco_dir, tmp_path):
 
 @pytest.mark.slow
 def test_evaluate_cli_on_a_checkpoint(coco_dir, tmp_path):
-  from tests import tiny_detector  # pylint: disable=g-import-not-at-top
   root, gt = coco_dir
   config = tiny_detector.coco_dir_config(root)
   variables = tiny_detector.random_variables(config)
   workdir = tmp_path / 'run'
   _write_checkpoint(workdir, variables, step=7)
   (workdir / 'config.json').write_text(config.to_json_best_effort())
-  env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.getcwd(), os.environ.get('PYTHONPATH', '')]))
+  env = tiny_detector.subprocess_env()
   proc = subprocess.run([sys.executable, '-m', 'retina_jax.evaluate', f'--workdir={workdir}',
                          '--config.postprocess.max_detections=3'],
                         env=env, capture_output=True, text=True, timeout=300)
@@ -291,7 +287,6 @@ _EVAL_WORKER = textwrap.dedent('''
 def test_two_host_evaluation_equals_one_host(coco_dir, tmp_path):
   """2 processes x 2 devices, global eval batch 4 split 2 + 2, 6 images: same detections."""
   from retina_jax import evaluate as evaluate_lib  # pylint: disable=g-import-not-at-top
-  from tests import tiny_detector  # pylint: disable=g-import-not-at-top
   root, _ = coco_dir
   with socket.socket() as s:
     s.bind(('127.0.0.1', 0))
@@ -299,9 +294,8 @@ def test_two_host_evaluation_equals_one_host(coco_dir, tmp_path):
   script = tmp_path / 'worker.py'
   script.write_text(_EVAL_WORKER)
   out = tmp_path / 'two_hosts'
-  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=2',
-             JAX_PLATFORMS='cpu',
-             PYTHONPATH=os.pathsep.join([os.getcwd(), os.environ.get('PYTHONPATH', '')]))
+  env = tiny_detector.subprocess_env(
+      XLA_FLAGS='--xla_force_host_platform_device_count=2', JAX_PLATFORMS='cpu')
   procs = [subprocess.Popen([sys.executable, str(script), str(port), str(i), str(root), str(out)],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
            for i in range(2)]

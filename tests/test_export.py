@@ -132,7 +132,7 @@ def test_export_cli_from_checkpoint_then_evaluate_exported(tmp_path):
   workdir, out = tmp_path / 'run', tmp_path / 'exported'
   test_eval._write_checkpoint(workdir, variables, step=3)  # pylint: disable=protected-access
   (workdir / 'config.json').write_text(config.to_json_best_effort())
-  env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.getcwd(), os.environ.get('PYTHONPATH', '')]))
+  env = tiny_detector.subprocess_env()
   proc = subprocess.run([sys.executable, '-m', 'retina_jax.export', f'--workdir={workdir}',
                          f'--out={out}'], env=env, capture_output=True, text=True, timeout=300)
   assert proc.returncode == 0, proc.stderr[-3000:]

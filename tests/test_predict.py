@@ -1,7 +1,6 @@
 """Prediction on single images of any size and mode, in original-image pixels; the CLI."""
 
 import json
-import os
 import subprocess
 import sys
 
@@ -89,7 +88,7 @@ def test_cli_writes_every_detection_and_a_picture(detector, tmp_path):
   export_dir = tmp_path / 'export'
   export_lib.write_export(str(export_dir), config, variables, tiny_detector.CATEGORIES)
   Image.fromarray(_photo(80, 140)).save(tmp_path / 'in.jpg', quality=95)
-  env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.getcwd(), os.environ.get('PYTHONPATH', '')]))
+  env = tiny_detector.subprocess_env()
   proc = subprocess.run(
       [sys.executable, '-m', 'retina_jax.predict', f'--params={export_dir}',
        f'--image={tmp_path / "in.jpg"}', f'--out={tmp_path / "out.png"}',

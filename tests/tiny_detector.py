@@ -5,6 +5,8 @@ second) instead of running the jitted init; random weights give scores near 0.5,
 image has detections above the score threshold.
 """
 
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -15,6 +17,16 @@ from retina_jax.data.categories import CategoryMap
 
 # Non-contiguous ids on purpose: detections must carry the data set's ids, not labels.
 CATEGORIES = CategoryMap(ids=(4, 9, 40), names=('circle', 'square', 'triangle'))
+
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def subprocess_env(**overrides) -> dict:
+  """os.environ for a child `python -m retina_jax...`: this checkout first on its path."""
+  env = dict(os.environ, **overrides)
+  env['PYTHONPATH'] = os.pathsep.join([REPO_ROOT, os.environ.get('PYTHONPATH', '')])
+  return env
 
 
 def tiny_config(image_size: int = 128):
@@ -67,7 +79,6 @@ def write_coco_dir(root, split: str = 'val', sizes=((96, 128), (128, 96), (60, 2
   """A small COCO-layout data set (annotations/instances_<split>.json, <split>/*.png) with the
   CATEGORIES ids, a crowd box and an image without objects; returns its GT dict."""
   import json  # pylint: disable=g-import-not-at-top
-  import os  # pylint: disable=g-import-not-at-top
   from PIL import Image  # pylint: disable=g-import-not-at-top
   os.makedirs(os.path.join(root, 'annotations'), exist_ok=True)
   os.makedirs(os.path.join(root, split), exist_ok=True)

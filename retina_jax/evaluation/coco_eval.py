@@ -113,7 +113,8 @@ def to_coco_results(dets: Mapping[str, np.ndarray],
   labels = np.asarray(dets['labels'])[rows, cols]
   if labels.size and (labels.min() < 0 or labels.max() >= len(cat_ids)):
     raise ValueError(f'Detection labels span [{labels.min()}, {labels.max()}] but the category '
-                     f'map has {len(cat_ids)} entries: model.num_classes and the data set disagree.')
+                     f'map has {len(cat_ids)} entries: model.num_classes and the data set '
+                     'disagree.')
   xywh = np.concatenate([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], axis=1)
   image_ids = np.asarray(dets['image_id'])[rows]
   scores = np.asarray(dets['scores'], np.float64)[rows, cols]
