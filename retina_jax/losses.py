@@ -119,7 +119,9 @@ def ohem_selection(anchor_loss: jax.Array, labels_fg: jax.Array, considered: jax
     score = jnp.where(keep_mask, loss, -1.0)
     top_loss, top_idx = jax.lax.top_k(score, num_candidates)
     cand_valid = top_loss >= 0.0
-    keep = postprocess.nms(anchors[top_idx], top_loss, cand_valid, loss_cfg.ohem_nms_iou, None)
+    # Without a positive quota the first `batch` survivors are all that is used: stop there.
+    keep = postprocess.nms(anchors[top_idx], top_loss, cand_valid, loss_cfg.ohem_nms_iou, None,
+                           max_output=None if fraction > 0.0 else batch)
     # Survivors are in descending loss order: rank them within the allowed groups.
     cand_fg = fg[top_idx]
     if fraction > 0.0:

@@ -119,7 +119,7 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, model, anchors
   (loss, (parts, new_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
   updates, new_opt_state = tx.update(grads, state.opt_state, state.params)
   new_params = optax.apply_updates(state.params, updates)
-  grad_norm = optax.global_norm(grads)
+  grad_norm = optax.tree.norm(grads)
   finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
   keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
   new_state = state.replace(
@@ -145,29 +145,29 @@ def init_variables(config: ml_collections.ConfigDict, model, rng: jax.Array) -> 
 def load_pretrained(variables: dict[str, Any], path: str) -> dict[str, Any]:
   """Overwrites every variable that the converted file has with the same path and shape.
 
-  What the file lacks (a fresh head, a new number of classes) keeps its initialisation; both
-  lists are logged, so a wrong file cannot pass silently as 'nothing loaded'.
+  What the file lacks, or has with another shape (a class head for another number of classes),
+  keeps its initialisation, as detectron2 does when fine-tuning; every such path is logged, so
+  a wrong file cannot pass silently as 'nothing loaded'.
   """
   if not os.path.exists(path):
     raise FileNotFoundError(f'config.init_from={path!r} does not exist; make it with '
                             'scripts/convert_torchvision.py')
   loaded = flax.traverse_util.flatten_dict(convert.load_variables(path), sep='/')
   ours = flax.traverse_util.flatten_dict(variables, sep='/')
-  used, kept, skipped = [], [], []
-  for key, value in ours.items():
-    if key in loaded and tuple(loaded[key].shape) == tuple(value.shape):
-      ours[key] = jnp.asarray(loaded[key], value.dtype)
-      used.append(key)
-    else:
-      kept.append(key)
-  skipped = [k for k in loaded if k not in ours or k in kept]
-  logging.info('init_from %s: loaded %d arrays; kept the initialisation of %d (%s); '
-               'unused in the file: %d (%s)', path, len(used), len(kept), ', '.join(kept[:20]),
-               len(skipped), ', '.join(skipped[:20]))
-  if not used:
+  mismatched = sorted(k for k, v in loaded.items()
+                      if k in ours and tuple(np.shape(v)) != tuple(ours[k].shape))
+  for key in mismatched:
+    del loaded[key]
+  merged, not_loaded, unused = convert.restore_into(
+      variables, flax.traverse_util.unflatten_dict(loaded, sep='/'))
+  logging.info('init_from %s: loaded %d arrays; initialised afresh: %s; shape mismatch (kept '
+               'fresh): %s; unused in the file: %s', path, len(ours) - len(not_loaded),
+               ', '.join(not_loaded) or 'none', ', '.join(mismatched) or 'none',
+               ', '.join(unused) or 'none')
+  if len(not_loaded) == len(ours):
     raise ValueError(f'config.init_from={path!r}: no array matched the model; is it a file '
                      'written by scripts/convert_torchvision.py for this backbone?')
-  return flax.traverse_util.unflatten_dict(ours, sep='/')
+  return merged
 
 
 def create_train_state(config, model, mesh, tx_fn=make_optimizer) -> tuple[TrainState, Any]:
@@ -310,8 +310,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   pending: list[dict[str, jax.Array]] = []
   timer_step, timer_start = start_step, time.perf_counter()
 
-  def last_good_checkpoint():
-    return manager.latest_step()
+  def check_finite():
+    bad = int(jax.device_get(state.first_bad_step))
+    if bad >= 0:
+      raise NonFiniteError(
+          f'Non-finite loss or gradient at step {bad + 1}; stopped without saving. The last '
+          f'good checkpoint is step {manager.latest_step()} in {workdir}.')
+
+  def run_eval(step):
+    variables = {'params': state.params, 'batch_stats': state.batch_stats}
+    eval_metrics = evaluate_lib.evaluate_variables(config, variables, workdir, mesh=mesh)
+    logger.write(step, {k: v for k, v in eval_metrics.items() if isinstance(v, (int, float))},
+                 prefix='eval')
 
   try:
     batches = loader.iterate(start_step)
@@ -330,11 +340,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
         logging.info('Preempted: saved step %d; re-run the same command to resume.', step)
         return state
       if step % config.log_every_steps == 0 or is_last:
-        bad = int(jax.device_get(state.first_bad_step))
-        if bad >= 0:
-          raise NonFiniteError(
-              f'Non-finite loss or gradient at step {bad + 1}; stopped without saving. The last '
-              f'good checkpoint is step {last_good_checkpoint()} in {workdir}.')
+        check_finite()
         summary = jax.tree.map(lambda *x: float(np.mean(x)), *jax.device_get(pending))
         pending = []
         now = time.perf_counter()
@@ -351,17 +357,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
                      summary['cls_loss'], summary['box_loss'], summary['num_foreground'],
                      summary['learning_rate'], summary.get('images_per_second', 0.0), eta)
       if step % config.checkpoint_every_steps == 0 or is_last:
-        if int(jax.device_get(state.first_bad_step)) >= 0:
-          raise NonFiniteError(
-              f'Non-finite loss or gradient at step {int(state.first_bad_step) + 1}; stopped '
-              f'without saving. The last good checkpoint is step {last_good_checkpoint()}.')
+        check_finite()
         ckpt.save(manager, state)
-      if (config.eval_every_steps and step % config.eval_every_steps == 0) or is_last:
-        variables = {'params': state.params, 'batch_stats': state.batch_stats}
-        eval_metrics = evaluate_lib.evaluate_variables(config, variables, workdir, mesh=mesh)
-        logger.write(step, {k: v for k, v in eval_metrics.items()
-                            if isinstance(v, (int, float))}, prefix='eval')
+      if config.eval_every_steps and step % config.eval_every_steps == 0 and not is_last:
+        run_eval(step)
         timer_start = time.perf_counter()
+    # The final evaluation also runs when a finished run is started again (e.g. `make demo`).
+    run_eval(config.num_train_steps)
   finally:
     manager.wait_until_finished()
     logger.close()

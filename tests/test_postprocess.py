@@ -81,26 +81,29 @@ def _inputs(rng, n, num_classes, batch=2, values=None):
   if values is None:
     logits = rng.normal(-4.0, 1.5, (batch, n, num_classes))
   else:
-    logits = rng.choice(values, (batch, n, num_classes))
+    logits = rng.choice(values, (batch, n, num_classes), p=[0.6, 0.3, 0.095, 0.005])
   deltas = rng.normal(0.0, 0.3, (batch, n, 4))
   return logits.astype(np.float32), deltas.astype(np.float32)
 
 
 @pytest.mark.parametrize('ties', [False, True])
 def test_matches_numpy_oracle(ties):
-  config = _cfg(pre_nms_topk=200, max_detections=50)
+  # With ties, more detections than top-value pairs so that the tied boundary reaches the output.
+  config = _cfg(pre_nms_topk=200, max_detections=300 if ties else 50)
   anchors, level_sizes = _anchors(config)
   rng = np.random.default_rng(int(ties))
   logits, deltas = _inputs(rng, len(anchors), 6, values=[-6.0, -2.5, 0.0, 1.5] if ties else None)
   if ties:
-    deltas[:] = 0.0  # Boxes are the anchors: equal scores on overlapping, equal boxes.
+    # Boxes are the anchors: equal scores on overlapping, equal boxes. The rare top value keeps
+    # the top-k boundary inside a tie shared by anchors whose best scores differ.
+    deltas[:] = 0.0
   hw = [[128, 128], [100, 90]]
   out = _run(config, logits, deltas, hw)
   for b in range(2):
     want = oracle_postprocess(logits[b], deltas[b], anchors, level_sizes, hw[b], config.postprocess)
     _check_image(out, b, *want, box_atol=1e-3)
     assert out['boxes'][b, :, 2].max() <= hw[b][1] and out['boxes'][b, :, 3].max() <= hw[b][0]
-  assert out['valid'].all()  # Enough candidates: every slot used.
+  assert out['valid'][:, :50].all()
 
 
 def test_equals_torchvision_postprocess_detections():
@@ -172,6 +175,11 @@ def test_nms_matches_oracle_and_torchvision(with_labels):
   else:
     tv = torchvision.ops.nms(tb, ts, 0.5)
   np.testing.assert_array_equal(np.flatnonzero(keep), np.sort(idx[tv.numpy()]))
+  # Stopping early keeps the best survivors only.
+  first = np.asarray(postprocess.nms(boxes, scores, valid, 0.5, labels, max_output=7))
+  want_first = np.zeros(m, bool)
+  want_first[oracles.greedy_nms(boxes, scores, valid, 0.5, labels)[:7]] = True
+  np.testing.assert_array_equal(first, want_first)
 
 
 def test_nms_ties_keep_the_lower_index():
