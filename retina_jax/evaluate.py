@@ -65,29 +65,37 @@ def run_detector(config, variables, source, categories, mesh, num_pictures: int 
                                               'config.eval_batch_size')
   detect = _sharded_detect(config, mesh)
   variables = jax.device_put(variables, sharding_lib.replicated(mesh))
-  names = categories.names
+  spec = sharding_lib.batch_sharding(mesh).spec
   acc = coco_eval.DetectionAccumulator()
   pictures = []
-  batches = pipeline.eval_batches(source, config.data, config.eval_batch_size,
-                                  num_images=config.data.max_eval_images)
-  for host_batch in batches:
+
+  def collect(dets, host_batch):
+    dets = multihost_utils.global_array_to_host_local_array(dets, mesh, spec)
+    dets = jax.tree.map(np.asarray, dets)
+    for i in np.flatnonzero(host_batch['example_valid'])[:num_pictures - len(pictures)]:
+      h, w = host_batch['image_hw'][i]
+      pictures.append(visualize.draw_detections(
+          host_batch['image'][i, :h, :w], dets['boxes'][i], dets['scores'][i],
+          dets['labels'][i], categories.names, score_threshold=0.3, valid=dets['valid'][i]))
+    orig = inference.to_original_coords(dets, host_batch['scale'], host_batch['orig_hw'])
+    acc.add(host_batch['image_id'], host_batch['example_valid'], orig['boxes'], orig['scores'],
+            orig['labels'], orig['valid'])
+
+  # One batch in flight: the device runs batch b while the host collects batch b - 1.
+  in_flight = None
+  for host_batch in pipeline.eval_batches(source, config.data, config.eval_batch_size,
+                                          num_images=config.data.max_eval_images):
     if host_batch['image'].shape[0] != local_batch:
       raise ValueError(f'Eval batch of {host_batch["image"].shape[0]} images on this host; '
                        f'expected {local_batch} (config.eval_batch_size / hosts).')
     inputs = sharding_lib.to_global(
         {'image': host_batch['image'], 'image_hw': host_batch['image_hw']}, mesh)
     dets = detect(variables, inputs['image'], inputs['image_hw'])
-    dets = multihost_utils.global_array_to_host_local_array(
-        dets, mesh, sharding_lib.batch_sharding(mesh).spec)
-    dets = jax.tree.map(np.asarray, dets)
-    for i in np.flatnonzero(host_batch['example_valid'])[:num_pictures - len(pictures)]:
-      h, w = host_batch['image_hw'][i]
-      pictures.append(visualize.draw_detections(
-          host_batch['image'][i, :h, :w], dets['boxes'][i], dets['scores'][i],
-          dets['labels'][i], names, score_threshold=0.3, valid=dets['valid'][i]))
-    orig = inference.to_original_coords(dets, host_batch['scale'], host_batch['orig_hw'])
-    acc.add(host_batch['image_id'], host_batch['example_valid'], orig['boxes'], orig['scores'],
-            orig['labels'], orig['valid'])
+    if in_flight is not None:
+      collect(*in_flight)
+    in_flight = (dets, host_batch)
+  if in_flight is not None:
+    collect(*in_flight)
   return acc.arrays(), pictures
 
 
