@@ -39,6 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 from ml_collections import config_flags
 
+from retina_jax import inference
 from retina_jax import saved_config
 from retina_jax.data.categories import CategoryMap
 
@@ -136,7 +137,6 @@ def export_detector(config, variables, categories: CategoryMap, batch_size: int 
     batch_size: B of the exported signature; 0 exports a symbolic B (any batch size).
     platforms: what to lower for, e.g. ('cpu', 'cuda', 'tpu'); the current backend when None.
   """
-  from retina_jax import inference  # pylint: disable=g-import-not-at-top
   detect = inference.make_detect_fn(config)
   cat_ids = np.asarray(categories.ids, np.int32)
 
@@ -171,8 +171,10 @@ def write_export(out_dir: str, config, variables, categories: CategoryMap, batch
           'max_detections': int(config.postprocess.max_detections),
           'platforms': list(exported.platforms),
           'resize': {'min_size': int(config.data.min_size), 'max_size': int(config.data.max_size),
-                     'rule': 'scale = min(min_size / shorter side, max_size / longer side); '
-                             'image resized to round(side * scale), padded bottom/right with 0'},
+                     'rule': 'scale = min(min_size / shorter side, max_size / longer side, '
+                             'image_size / longer side); each side resized to '
+                             'min(image_size, round(side * scale)) (bilinear), padded '
+                             'bottom/right with 0 (retina_jax.data.pipeline.preprocess)'},
       }, indent=2).encode(),
   }
   for name, data in files.items():
