@@ -1,0 +1,76 @@
+"""A saved config.json as an ml_collections config file, so saved configs take overrides too.
+
+`evaluate`, `export` and `predict` accept the same `--config.x=y` overrides as training, and
+ml_collections applies overrides only to a config that came from a `--config=FILE[:ARG]` flag.
+When the command line names no `--config`, `with_saved_config(argv, path)` inserts
+`--config=<this file>:<path>/config.json`, and this file's `get_config` rebuilds the config.
+
+Rebuilding starts from `get_base_config()` and takes every value of the JSON on top, so that
+fields stay typed as in the base config (JSON turns tuples into lists; an override of a tuple
+field then still parses as a tuple); fields the base config does not know are kept as saved.
+"""
+
+import json
+import os
+
+import ml_collections
+
+from retina_jax.config import get_base_config
+
+CONFIG_JSON = 'config.json'
+
+
+def _merge(base: ml_collections.ConfigDict, saved: dict) -> None:
+  for key, value in saved.items():
+    if key in base and isinstance(base[key], ml_collections.ConfigDict) and isinstance(value, dict):
+      _merge(base[key], value)
+    elif key in base and isinstance(base[key], tuple) and isinstance(value, list):
+      base[key] = tuple(value)
+    elif key in base and isinstance(base[key], float) and isinstance(value, int):
+      base[key] = float(value)
+    else:
+      with base.unlocked():
+        # Replaces, rather than assigns, so that a saved value of another type than the base
+        # default (an experiment's own choice) is kept instead of rejected.
+        if key in base:
+          del base[key]
+        base[key] = ml_collections.ConfigDict(value) if isinstance(value, dict) else value
+
+
+def load(path: str) -> ml_collections.ConfigDict:
+  """The config saved at `path`: a config.json file, or a directory holding one."""
+  if os.path.isdir(path):
+    path = os.path.join(path, CONFIG_JSON)
+  try:
+    with open(path) as f:
+      saved = json.load(f)
+  except FileNotFoundError:
+    raise FileNotFoundError(f'No saved config at {path}; pass --config=experiments/<file>.py '
+                            'as for training.') from None
+  except json.JSONDecodeError as e:
+    raise ValueError(f'{path} is not valid JSON: {e}') from None
+  config = get_base_config()
+  _merge(config, saved)
+  return config
+
+
+def get_config(path: str) -> ml_collections.ConfigDict:
+  """ml_collections entry point: `--config=retina_jax/saved_config.py:<path>`."""
+  return load(path)
+
+
+def with_saved_config(argv: list[str], path: str) -> list[str]:
+  """argv with `--config=<this file>:<path>` inserted, unless argv names a --config or no path."""
+  if not path or any(a == '--config' or a.startswith('--config=') for a in argv[1:]):
+    return list(argv)
+  return [argv[0], f'--config={os.path.abspath(__file__)}:{path}'] + list(argv[1:])
+
+
+def flag_value(argv: list[str], name: str) -> str:
+  """The value of `--name=v` or `--name v` in argv ('' when absent), read before absl parses."""
+  for k, arg in enumerate(argv):
+    if arg.startswith(f'--{name}='):
+      return arg.split('=', 1)[1]
+    if arg == f'--{name}' and k + 1 < len(argv):
+      return argv[k + 1]
+  return ''

@@ -1,0 +1,183 @@
+"""Export: params-only msgpack, config and category map, and a StableHLO detector that runs
+without this code base and gives the same detections as the Python model."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+from retina_jax import export as export_lib
+from retina_jax import inference
+from retina_jax import saved_config
+from tests import tiny_detector
+
+# Runs in a fresh interpreter: only jax, flax.serialization and numpy, never retina_jax.
+_CONSUMER = textwrap.dedent('''
+  import sys
+  import flax.serialization
+  import jax
+  import numpy as np
+  export_dir, io_file = sys.argv[1], sys.argv[2]
+  with open(f'{export_dir}/params.msgpack', 'rb') as f:
+    variables = flax.serialization.msgpack_restore(f.read())
+  with open(f'{export_dir}/detect.jax_exported', 'rb') as f:
+    detect = jax.export.deserialize(bytearray(f.read()))
+  inputs = np.load(io_file + '.in.npz')
+  out = detect.call(variables, inputs['images'], inputs['image_hw'])
+  np.savez(io_file + '.out.npz', **{k: np.asarray(v) for k, v in out.items()})
+  assert not any(m.startswith('retina_jax') for m in sys.modules), 'imported retina_jax'
+  print('OK')
+''')
+
+
+@pytest.mark.slow
+def test_exported_detector_runs_without_our_code(tmp_path):
+  config = tiny_detector.tiny_config()
+  variables = tiny_detector.random_variables(config)
+  cats = tiny_detector.CATEGORIES
+  out_dir = str(tmp_path / 'export')
+  export_lib.write_export(out_dir, config, variables, cats)  # Any batch size, 3 platforms.
+  assert sorted(os.listdir(out_dir)) == sorted([
+      'params.msgpack', 'config.json', 'categories.json', 'detect.jax_exported',
+      'signature.json'])
+
+  images, image_hw = tiny_detector.random_images(3, config.data.image_size)
+  io_file = str(tmp_path / 'io')
+  np.savez(io_file + '.in.npz', images=images, image_hw=image_hw)
+  script = tmp_path / 'consumer.py'
+  script.write_text(_CONSUMER)
+  env = dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS='')
+  env.pop('PYTHONPATH', None)
+  proc = subprocess.run([sys.executable, str(script), out_dir, io_file], cwd=str(tmp_path),
+                        env=env, capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  exported = dict(np.load(io_file + '.out.npz'))
+
+  ours = inference.make_detect_fn(config)(variables, images, image_hw)
+  assert set(exported) == {'boxes', 'scores', 'labels', 'category_ids', 'valid'}
+  for k in ('boxes', 'scores', 'labels', 'valid'):
+    np.testing.assert_array_equal(exported[k], np.asarray(ours[k]), err_msg=k)
+  assert exported['valid'].any(), 'the tiny model should detect something'
+  signature = json.loads((tmp_path / 'export' / 'signature.json').read_text())
+  assert signature['batch_size'] is None
+  assert signature['platforms'] == ['cpu', 'cuda', 'tpu']
+  np.testing.assert_array_equal(exported['category_ids'],
+                                np.asarray(cats.ids)[exported['labels']])
+
+
+def test_params_config_and_categories_round_trip(tmp_path):
+  config = tiny_detector.tiny_config()
+  config.postprocess.nms_iou = 0.6  # A non-default value must survive.
+  variables = tiny_detector.random_variables(config)
+  out_dir = str(tmp_path / 'export')
+  export_lib.write_export(out_dir, config, variables, tiny_detector.CATEGORIES, batch_size=1,
+                          platforms=('cpu',))
+
+  restored = export_lib.load_params(out_dir)
+  assert set(restored) == {'params', 'batch_stats'}
+  flat_in = dict(_flatten(variables))
+  flat_out = dict(_flatten(restored))
+  assert flat_in.keys() == flat_out.keys()
+  for k, v in flat_in.items():
+    np.testing.assert_array_equal(flat_out[k], v, err_msg=k)
+
+  loaded = saved_config.load(out_dir)
+  assert loaded.to_dict() == config.to_dict()
+  assert isinstance(loaded.anchors.sizes, tuple)  # Typed as in the base config, not a list.
+  assert export_lib.resolve_categories(loaded, out_dir) == tiny_detector.CATEGORIES
+  signature = json.loads((tmp_path / 'export' / 'signature.json').read_text())
+  assert signature['batch_size'] == 1 and signature['image_size'] == 128
+  assert signature['platforms'] == ['cpu']
+
+
+def test_config_categories_take_precedence(tmp_path):
+  config = tiny_detector.tiny_config()
+  tv = export_lib.torchvision_coco_v1()
+  assert tv.ids == tuple(range(91)) and tv.names[1] == 'person' and tv.names[90] == 'toothbrush'
+  config.categories = tv.to_json()
+  (tmp_path / 'categories.json').write_text(tiny_detector.CATEGORIES.to_json())
+  assert export_lib.resolve_categories(config, str(tmp_path)) == tv
+
+
+def test_saved_config_flag_injection():
+  argv = ['prog', '--workdir', '/w', '--config.seed=3']
+  injected = saved_config.with_saved_config(argv, '/w')
+  assert injected[1].startswith('--config=') and injected[1].endswith('saved_config.py:/w')
+  assert injected[2:] == argv[1:]
+  given = ['prog', '--config=x.py', '--workdir=/w']
+  assert saved_config.with_saved_config(given, '/w') == given
+  assert saved_config.flag_value(['p', '--params=/e'], 'params') == '/e'
+  assert saved_config.flag_value(['p', '--params', '/e'], 'params') == '/e'
+
+
+def _flatten(tree, prefix=()):
+  for k, v in tree.items():
+    if isinstance(v, dict):
+      yield from _flatten(v, prefix + (k,))
+    else:
+      yield prefix + (k,), np.asarray(v)
+
+
+@pytest.mark.slow
+def test_export_cli_from_checkpoint_then_evaluate_exported(tmp_path):
+  from tests import test_eval  # pylint: disable=g-import-not-at-top
+  root = tmp_path / 'coco'
+  gt = tiny_detector.write_coco_dir(str(root))
+  config = tiny_detector.coco_dir_config(root)
+  variables = tiny_detector.random_variables(config)
+  workdir, out = tmp_path / 'run', tmp_path / 'exported'
+  test_eval._write_checkpoint(workdir, variables, step=3)  # pylint: disable=protected-access
+  (workdir / 'config.json').write_text(config.to_json_best_effort())
+  env = tiny_detector.subprocess_env()
+  proc = subprocess.run([sys.executable, '-m', 'retina_jax.export', f'--workdir={workdir}',
+                         f'--out={out}'], env=env, capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  flat_in, flat_out = dict(_flatten(variables)), dict(_flatten(export_lib.load_params(str(out))))
+  assert flat_in.keys() == flat_out.keys()  # Parameters only: no step, no optimizer state.
+  for k, v in flat_in.items():
+    np.testing.assert_array_equal(flat_out[k], v, err_msg=k)
+  assert export_lib.load_categories(str(out)) == tiny_detector.CATEGORIES
+
+  # The export is all evaluation needs: no --config, no workdir.
+  proc = subprocess.run([sys.executable, '-m', 'retina_jax.evaluate', f'--params={out}'],
+                        env=env, capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  results = json.loads((out / 'detections_val.json').read_text())
+  assert {r['image_id'] for r in results} == {im['id'] for im in gt['images']}
+  assert 'AP75' in proc.stdout
+
+
+def _cuda_devices():
+  import jax  # pylint: disable=g-import-not-at-top
+  try:
+    return jax.devices('cuda')
+  except RuntimeError:
+    return []
+
+
+@pytest.mark.skipif(not _cuda_devices(), reason='needs a CUDA device (run with '
+                    'JAX_PLATFORMS=cuda,cpu on a GPU machine)')
+def test_exported_detector_on_gpu_matches_cpu(tmp_path):
+  """The one export (lowered here for cpu, cuda, tpu) runs on a GPU with the CPU's detections."""
+  import jax  # pylint: disable=g-import-not-at-top
+  config = tiny_detector.tiny_config()
+  variables = tiny_detector.random_variables(config)
+  out_dir = str(tmp_path / 'export')
+  export_lib.write_export(out_dir, config, variables, tiny_detector.CATEGORIES)
+  with open(os.path.join(out_dir, 'detect.jax_exported'), 'rb') as f:
+    detect = jax.export.deserialize(bytearray(f.read()))
+  params = export_lib.load_params(out_dir)
+  images, image_hw = tiny_detector.random_images(3, config.data.image_size)
+  outs = []
+  for device in (jax.devices('cpu')[0], _cuda_devices()[0]):
+    args = jax.device_put((params, images, image_hw), device)
+    outs.append(jax.tree.map(np.asarray, detect.call(*args)))
+  cpu, gpu = outs
+  np.testing.assert_array_equal(gpu['valid'].sum(1), cpu['valid'].sum(1))
+  # Sorted scores and the best box per image: robust to the order of near-ties in NMS.
+  np.testing.assert_allclose(np.sort(gpu['scores'], 1), np.sort(cpu['scores'], 1), atol=1e-3)
+  np.testing.assert_allclose(gpu['boxes'][:, 0], cpu['boxes'][:, 0], atol=0.1)
