@@ -70,11 +70,13 @@ def env_with_devices(n: int) -> dict[str, str]:
 
 
 def read_metrics(workdir: str) -> list[dict]:
+  """The training records of metrics.jsonl (evaluation records are left out)."""
   path = os.path.join(workdir, 'metrics.jsonl')
   if not os.path.exists(path):
     return []
   with open(path) as f:
-    return [json.loads(line) for line in f if line.strip()]
+    records = [json.loads(line) for line in f if line.strip()]
+  return [r for r in records if 'train/loss' in r]
 
 
 def test_two_real_steps_train_and_compile_once(shapes_root):
