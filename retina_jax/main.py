@@ -38,10 +38,18 @@ def initialize_distributed():
     jax.distributed.initialize()
 
 
+class _QuietLibraries:
+  """Drops INFO lines of orbax (several per checkpoint) so progress lines stay readable."""
+
+  def filter(self, record) -> bool:
+    return record.levelno >= logging.WARNING or '/orbax/' not in record.pathname
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   logging.set_verbosity(logging.INFO)
+  logging.get_absl_handler().addFilter(_QuietLibraries())
   initialize_distributed()
   logging.info('JAX process %d of %d, %d local / %d global devices (%s)', jax.process_index(),
                jax.process_count(), jax.local_device_count(), jax.device_count(),
