@@ -7,6 +7,8 @@ Re-running the same command resumes from the newest checkpoint in DIR. On a TPU 
 runs the same command; `jax.distributed.initialize()` finds its peers from the environment.
 """
 
+import logging as std_logging
+
 from absl import app
 from absl import flags
 from absl import logging
@@ -42,14 +44,15 @@ class _QuietLibraries:
   """Drops INFO lines of orbax (several per checkpoint) so progress lines stay readable."""
 
   def filter(self, record) -> bool:
-    return record.levelno >= logging.WARNING or '/orbax/' not in record.pathname
+    return record.levelno >= std_logging.WARNING or '/orbax/' not in record.pathname
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   logging.set_verbosity(logging.INFO)
-  logging.get_absl_handler().addFilter(_QuietLibraries())
+  for handler in std_logging.getLogger().handlers:
+    handler.addFilter(_QuietLibraries())
   initialize_distributed()
   logging.info('JAX process %d of %d, %d local / %d global devices (%s)', jax.process_index(),
                jax.process_count(), jax.local_device_count(), jax.device_count(),

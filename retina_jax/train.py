@@ -190,6 +190,33 @@ def create_train_state(config, model, mesh, tx_fn=make_optimizer) -> tuple[Train
   return make(variables), tx
 
 
+def abstract_train_state(config, model, mesh) -> tuple[TrainState, Any]:
+  """Shapes, dtypes and shardings of the train state without computing it (for AOT compiles)."""
+  variables = jax.eval_shape(
+      lambda rng: models.init_variables(model, rng, image_size(config)),
+      jax.random.key(config.seed, impl='rbg'))
+  variables = {'params': variables['params'], 'batch_stats': variables.get('batch_stats', {})}
+  tx = make_optimizer(config, variables['params'])
+  state = jax.eval_shape(
+      lambda v: TrainState(step=jnp.zeros((), jnp.int32), params=v['params'],
+                           batch_stats=v['batch_stats'], opt_state=tx.init(v['params']),
+                           first_bad_step=jnp.full((), -1, jnp.int32)), variables)
+  replicated = sharding_lib.replicated(mesh)
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
+                      state), tx
+
+
+def abstract_batch(config, mesh) -> dict[str, jax.ShapeDtypeStruct]:
+  """The global training batch as abstract arrays split over 'data'."""
+  b, s, g = config.batch_size, config.data.image_size, config.data.max_boxes
+  shapes = {'image': ((b, s, s, 3), jnp.uint8), 'image_hw': ((b, 2), jnp.int32),
+            'boxes': ((b, g, 4), jnp.float32), 'labels': ((b, g), jnp.int32),
+            'is_crowd': ((b, g), jnp.bool_), 'box_valid': ((b, g), jnp.bool_)}
+  sharding = sharding_lib.batch_sharding(mesh)
+  return {k: jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
+          for k, (shape, dtype) in shapes.items()}
+
+
 def make_train_step(config, model, tx, mesh):
   """The jitted step with explicit shardings; the state is donated."""
   replicated = sharding_lib.replicated(mesh)
