@@ -6,7 +6,7 @@ anchor choices make a measurable difference:
 - five classes of coloured shapes (ids 1, 3, 7, 12, 20: non-contiguous, listed out of order in the
   file, so the id <-> label map is always exercised); object colours are random, so the class is
   in the outline, not the colour;
-- objects from tiny (6 px) to most of the image, log-uniform in size; rectangles, ellipses and
+- objects from small (12 px) to most of the image, log-uniform in size; rectangles, ellipses and
   triangles with aspect ratios up to 1:3 / 3:1;
 - textured backgrounds (gradients, stripes, noise) with unannotated clutter (random blobs and
   lines) that look like objects to an untrained detector: many easy and some hard negatives;
@@ -34,7 +34,7 @@ CATEGORIES = ((20, 'ring'), (1, 'ellipse'), (12, 'cross'), (3, 'rectangle'), (7,
 SPLITS = ('train', 'validation')
 IMAGE_SIZES = ((128, 128), (160, 160), (192, 192), (128, 192), (192, 128), (144, 192),
                (192, 144))  # (h, w)
-_VERSION = 2  # Bump when the generator changes, so that stale caches are not reused.
+_VERSION = 3  # Bump when the generator changes, so that stale caches are not reused.
 
 
 def default_cache_dir() -> str:
@@ -202,7 +202,7 @@ def render_image(rng) -> tuple[np.ndarray, list]:
       _draw_shape(draw, rng, cat_name, (x, y, x + s, y + s), fill)
     objects.append(((cx1, cy1, cx1 + cw, cy1 + ch), cat_id, True))
   num_objects = 0 if rng.random() < 0.05 else int(rng.integers(1, 9))
-  min_side, max_side = 6.0, 0.7 * min(h, w)
+  min_side, max_side = 12.0, 0.7 * min(h, w)
   for _ in range(num_objects):
     for _ in range(10):  # Rejection sampling for bounded overlap.
       cat_id, cat_name = CATEGORIES[rng.integers(len(CATEGORIES))]
