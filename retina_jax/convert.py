@@ -181,7 +181,7 @@ def convert_state_dict(state_dict: Mapping[str, Any], norm: str = 'frozen_bn'):
   variables = _prune(converted)
   unexpected = sorted(set(sd) - used)
   report = Report(kind=kind, architecture=dict(arch),
-                  num_converted=len(used), missing=missing, unexpected=unexpected)
+                  num_converted=len(used), missing=sorted(missing), unexpected=unexpected)
   return variables, report
 
 

@@ -22,6 +22,7 @@ def get_config(arg=None):
   config.num_demo_pictures = 4
 
   config.model.backbone = 'tiny'
+  config.model.num_classes = 5  # The shapes set's five categories.
   config.model.norm = 'gn'  # From scratch: no pretrained statistics to freeze.
   config.model.freeze_at = 0
   config.model.fpn_channels = 64

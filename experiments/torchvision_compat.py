@@ -1,0 +1,30 @@
+"""Every torchvision convention, so that weights converted from `retinanet_resnet50_fpn` (v1)
+predict what torchvision predicts: `python scripts/convert_torchvision.py IN.pth OUT` then
+`--config experiments/torchvision_compat.py --config.init_from=OUT`.
+
+Labels are torchvision's 91-id COCO indices (its cls_logits has 91 rows, 0 = background unused).
+"""
+
+from retina_jax import config as config_lib
+
+
+def get_config(arg=None):
+  del arg  # No arguments: every field is a torchvision convention.
+  config = config_lib.get_base_config()
+
+  config.anchors.offset = 0.0  # Anchor centres at i * stride.
+  config.anchors.truncate_sizes = True  # int(size * scale)...
+  config.anchors.round_base = True  # ...and rounded corners of the zero-centred base anchors.
+  config.anchors.order = 'ratio_major'
+
+  config.model.backbone = 'resnet50'
+  config.model.p6_from = 'p5'  # LastLevelP6P7(256, 256).
+  config.model.norm = 'frozen_bn'
+  config.model.dtype = 'float32'
+  config.model.num_classes = 91
+
+  config.postprocess.max_detections = 300
+  config.loss.box_loss = 'l1'  # torchvision v1 regresses boxes with plain L1.
+  config.data.min_size = 800
+  config.data.max_size = 1333
+  return config

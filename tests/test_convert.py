@@ -1,0 +1,184 @@
+"""torchvision -> retina_jax weight conversion, checked against torchvision's own forward pass."""
+
+import importlib.util
+import pathlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+torch = pytest.importorskip('torch', reason='torch is needed for the torchvision reference tests')
+torchvision = pytest.importorskip('torchvision')
+
+from retina_jax import config as config_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
+from retina_jax import convert  # pylint: disable=wrong-import-position
+from retina_jax import models  # pylint: disable=wrong-import-position
+from retina_jax.models import resnet  # pylint: disable=wrong-import-position
+
+_SCRIPT = pathlib.Path(__file__).resolve().parents[1] / 'scripts' / 'convert_torchvision.py'
+
+
+def randomize_(model):
+  """Non-default BN statistics and affine, biases and head weights, so that eps, the frozen-BN
+  formula, a transposed kernel or a swapped bias all show; magnitudes stay O(1) through R50."""
+  gen = torch.Generator().manual_seed(0)
+  with torch.no_grad():
+    for module in model.modules():
+      if isinstance(module, torch.nn.BatchNorm2d):
+        c = module.num_features
+        module.running_mean.copy_(0.2 * torch.randn(c, generator=gen))
+        module.running_var.copy_(0.5 + 1.5 * torch.rand(c, generator=gen))
+        module.weight.copy_(0.3 + 0.4 * torch.rand(c, generator=gen))
+        module.bias.copy_(0.1 * torch.randn(c, generator=gen))
+      elif isinstance(module, torch.nn.Conv2d):
+        module.weight.mul_(1 + 0.1 * torch.randn(module.weight.shape, generator=gen))
+        if module.bias is not None:
+          module.bias.copy_(0.05 * torch.randn(module.bias.shape, generator=gen))
+  return model.eval()
+
+
+def numpy_state_dict(model, keep_num_batches_tracked=True):
+  return {k: v.numpy() for k, v in model.state_dict().items()
+          if keep_num_batches_tracked or not k.endswith('num_batches_tracked')}
+
+
+@pytest.fixture(scope='module')
+def torch_retinanet():
+  torch.manual_seed(0)
+  model = torchvision.models.detection.retinanet_resnet50_fpn(weights=None, weights_backbone=None)
+  with torch.no_grad():
+    for name, p in model.head.named_parameters():
+      if name.endswith('weight'):
+        p.normal_(0.0, 0.03)  # Larger than the N(0, 0.01) init, so the outputs vary.
+  return randomize_(model)
+
+
+def compat_config():
+  config = config_lib.get_base_config()
+  config.model.update(p6_from='p5', num_classes=91, dtype='float32', norm='frozen_bn')
+  return config
+
+
+def test_retinanet_matches_torchvision_head_outputs(torch_retinanet):
+  variables, report = convert.convert_state_dict(numpy_state_dict(torch_retinanet))
+  assert report.kind == 'retinanet' and not report.missing and not report.unexpected
+  assert report.architecture['p6_from'] == 'p5' and report.architecture['num_classes'] == 91
+  assert not variables['params']['backbone'].get('bn1')  # Frozen BN: nothing trainable.
+
+  x = torch.randn(1, 3, 256, 384, generator=torch.Generator().manual_seed(1))
+  with torch.no_grad():
+    want = torch_retinanet.head(list(torch_retinanet.backbone(x).values()))
+  model = models.create_model(compat_config())
+  got = jax.jit(lambda v, x: model.apply(v, x))(variables, jnp.asarray(x.numpy().transpose(0, 2, 3, 1)))
+  for ours, theirs in (('cls_logits', 'cls_logits'), ('box_deltas', 'bbox_regression')):
+    ref = want[theirs].numpy()
+    assert got[ours].shape == ref.shape
+    assert np.std(ref) > 0.1  # Not a comparison of near-constant outputs.
+    np.testing.assert_allclose(np.asarray(got[ours]), ref, rtol=0, atol=1e-4, err_msg=ours)
+
+
+def test_old_checkpoint_key_layout_converts_the_same(torch_retinanet):
+  """The published retinanet_resnet50_fpn_coco checkpoint predates Conv2dNormActivation."""
+  sd = numpy_state_dict(torch_retinanet, keep_num_batches_tracked=False)
+  old = {}
+  for key, value in sd.items():
+    parts = key.split('.')
+    if key.startswith('backbone.fpn.') and parts[2] in ('inner_blocks', 'layer_blocks'):
+      key = '.'.join(parts[:4] + parts[5:])  # inner_blocks.i.0.weight -> inner_blocks.i.weight
+    elif key.startswith('head.') and parts[2] == 'conv':
+      key = '.'.join(parts[:3] + [str(2 * int(parts[3]))] + parts[5:])  # conv.j.0 -> conv.{2j}
+    old[key] = value
+  new_vars, _ = convert.convert_state_dict(sd)
+  old_vars, report = convert.convert_state_dict(old)
+  assert not report.missing and not report.unexpected
+  jax.tree_util.tree_map(np.testing.assert_array_equal, old_vars, new_vars)
+
+
+def test_resnet50_imagenet_converts_backbone_and_c5_matches():
+  torch.manual_seed(0)
+  net = randomize_(torchvision.models.resnet50(weights=None))
+  variables, report = convert.convert_state_dict(numpy_state_dict(net, False))
+  assert report.kind == 'resnet' and report.architecture == {'backbone': 'resnet50'}
+  assert report.unexpected == ['fc.bias', 'fc.weight'] and not report.missing
+  assert set(variables['params']) == set(variables['batch_stats']) == {'backbone'}
+
+  x = torch.randn(1, 3, 64, 96, generator=torch.Generator().manual_seed(2))
+  with torch.no_grad():
+    y = net.maxpool(net.relu(net.bn1(net.conv1(x))))
+    want = net.layer4(net.layer3(net.layer2(net.layer1(y)))).numpy().transpose(0, 2, 3, 1)
+  backbone = resnet.ResNet(backbone='resnet50')
+  got = jax.jit(lambda v, x: backbone.apply(v, x)['c5'])(
+      {c: t['backbone'] for c, t in variables.items()}, jnp.asarray(x.numpy().transpose(0, 2, 3, 1)))
+  assert got.shape == want.shape == (1, 2, 3, 2048)
+  np.testing.assert_allclose(np.asarray(got), want, rtol=1e-4, atol=1e-4)
+
+
+def test_norm_bn_puts_affine_in_params():
+  sd = numpy_state_dict(torchvision.models.resnet18(weights=None))
+  variables, report = convert.convert_state_dict(sd, norm='bn')
+  assert report.architecture == {'backbone': 'resnet18'}
+  bn1 = sd['bn1.weight']
+  np.testing.assert_array_equal(variables['params']['backbone']['bn1']['scale'], bn1)
+  assert set(variables['batch_stats']['backbone']['bn1']) == {'mean', 'var'}
+  np.testing.assert_array_equal(variables['params']['backbone']['layer2_0']['conv1']['kernel'],
+                                sd['layer2.0.conv1.weight'].transpose(2, 3, 1, 0))
+
+
+def test_wrong_shape_fails_naming_the_key():
+  sd = numpy_state_dict(torchvision.models.resnet18(weights=None))
+  sd['layer3.1.conv2.weight'] = np.zeros((256, 128, 3, 3), np.float32)
+  with pytest.raises(ValueError, match=r"'layer3\.1\.conv2\.weight'.*\(256, 128, 3, 3\)"):
+    convert.convert_state_dict(sd)
+
+
+def test_missing_and_unexpected_keys_are_listed():
+  sd = numpy_state_dict(torchvision.models.resnet18(weights=None))
+  del sd['layer2.0.bn1.running_var'], sd['conv1.weight']
+  sd['layer2.0.extra.weight'] = np.zeros((3,), np.float32)
+  variables, report = convert.convert_state_dict(sd)
+  assert report.missing == ['conv1.weight', 'layer2.0.bn1.running_var']
+  assert report.unexpected == ['fc.bias', 'fc.weight', 'layer2.0.extra.weight']
+  assert 'conv1' not in variables['params']['backbone']
+  assert 'var' not in variables['batch_stats']['backbone']['layer2_0']['bn1']
+
+
+def test_not_a_resnet_is_a_clear_error():
+  with pytest.raises(ValueError, match='Not a torchvision ResNet'):
+    convert.convert_state_dict({'encoder.weight': np.zeros((3, 3), np.float32)})
+
+
+def test_cli_writes_variables_that_load_without_torch(tmp_path, capsys):
+  net = torchvision.models.resnet18(weights=None)
+  src, dst = tmp_path / 'r18.pth', tmp_path / 'r18.msgpack'
+  sd = {k: v for k, v in net.state_dict().items() if not k.endswith('num_batches_tracked')}
+  torch.save(sd, src)
+  spec = importlib.util.spec_from_file_location('convert_torchvision', _SCRIPT)
+  script = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(script)
+  assert script.main([str(src), str(dst)]) == 0
+  printed = capsys.readouterr().out
+  assert 'unexpected (unused): fc.weight' in printed and 'missing' not in printed
+  loaded = convert.load_variables(str(dst))
+  want, _ = convert.convert_state_dict({k: v.numpy() for k, v in sd.items()})
+  jax.tree_util.tree_map(np.testing.assert_array_equal, loaded, want)
+  assert script.main([str(src), str(tmp_path / 'strict.msgpack'), '--strict']) == 1
+  assert not (tmp_path / 'strict.msgpack').exists()
+
+
+def test_restore_into_model_variables():
+  sd = numpy_state_dict(torchvision.models.resnet18(weights=None))
+  loaded, _ = convert.convert_state_dict(sd)
+  config = config_lib.get_base_config()
+  config.model.update(backbone='resnet18', fpn_channels=16, head_channels=16, head_convs=1)
+  model = models.create_model(config)
+  init = jax.eval_shape(lambda: models.init_variables(model, jax.random.key(0), 128))
+  init = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), init)
+  merged, not_loaded, unused = convert.restore_into(init, loaded)
+  assert not unused
+  assert not_loaded and all(p.split('/')[1] in ('fpn', 'cls_head', 'box_head') for p in not_loaded)
+  np.testing.assert_array_equal(merged['batch_stats']['backbone']['bn1']['var'],
+                                sd['bn1.running_var'])
+  bad = {'params': {'backbone': {'conv1': {'kernel': np.zeros((1, 1, 1, 1), np.float32)}}}}
+  with pytest.raises(ValueError, match='params/backbone/conv1/kernel'):
+    convert.restore_into(init, bad)
