@@ -7,6 +7,7 @@ import subprocess
 import sys
 import textwrap
 
+import jax
 import numpy as np
 import pytest
 
@@ -57,7 +58,10 @@ def test_exported_detector_runs_without_our_code(tmp_path):
   assert proc.returncode == 0, proc.stderr[-3000:]
   exported = dict(np.load(io_file + '.out.npz'))
 
-  ours = inference.make_detect_fn(config)(variables, images, image_hw)
+  # The child ran on the CPU (JAX_PLATFORMS=cpu): compare on the same backend, also on a GPU
+  # machine, where the default device would round differently.
+  cpu = jax.devices('cpu')[0]
+  ours = inference.make_detect_fn(config)(*jax.device_put((variables, images, image_hw), cpu))
   assert set(exported) == {'boxes', 'scores', 'labels', 'category_ids', 'valid'}
   for k in ('boxes', 'scores', 'labels', 'valid'):
     np.testing.assert_array_equal(exported[k], np.asarray(ours[k]), err_msg=k)
@@ -152,7 +156,6 @@ def test_export_cli_from_checkpoint_then_evaluate_exported(tmp_path):
 
 
 def _cuda_devices():
-  import jax  # pylint: disable=g-import-not-at-top
   try:
     return jax.devices('cuda')
   except RuntimeError:
@@ -163,7 +166,6 @@ def _cuda_devices():
                     'JAX_PLATFORMS=cuda,cpu on a GPU machine)')
 def test_exported_detector_on_gpu_matches_cpu(tmp_path):
   """The one export (lowered here for cpu, cuda, tpu) runs on a GPU with the CPU's detections."""
-  import jax  # pylint: disable=g-import-not-at-top
   config = tiny_detector.tiny_config()
   variables = tiny_detector.random_variables(config)
   out_dir = str(tmp_path / 'export')
