@@ -24,7 +24,7 @@ $(STAMP_TORCH): $(STAMP) requirements-torch.txt
 venv: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/python -m retina_jax.demo --workdir workdirs/demo
+	$(BIN)/python -m retina_jax.main --config experiments/smoke/shapes_demo.py --workdir workdirs/demo
 
 test: $(STAMP_TORCH)
 	$(BIN)/python -m pytest -n 2 --dist loadfile $(PYTEST_ARGS)

@@ -34,6 +34,9 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.eval_batch_size = 8  # Global.
   config.init_from = ''  # Converted ImageNet or RetinaNet parameters (scripts/convert_torchvision.py).
   config.num_demo_pictures = 0  # Pictures of eval predictions written at the end of training.
+  # Label <-> category id map as CategoryMap JSON; '' takes the training data's own. Training
+  # writes it into the workdir's config.json, so evaluation and export carry it along.
+  config.categories = ''
 
   config.model = ml_collections.ConfigDict()
   config.model.backbone = 'resnet50'  # tiny | resnet18 | resnet34 | resnet50 | resnet101

@@ -31,6 +31,7 @@ from retina_jax import losses
 from retina_jax import models
 from retina_jax import sharding as sharding_lib
 from retina_jax.data import pipeline
+from retina_jax.evaluation import coco_eval
 
 
 @flax.struct.dataclass
@@ -312,6 +313,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
         f'The training split of {config.data.name!r} has {categories.num_classes} categories '
         f'but config.model.num_classes={config.model.num_classes}; set '
         f'--config.model.num_classes={categories.num_classes}')
+  if config.categories and config.categories != categories.to_json():
+    raise ValueError(f'config.categories differs from the categories of the training split of '
+                     f'{config.data.name!r}; leave it empty to take the data\'s own.')
   config = ml_collections.ConfigDict(config.to_dict())
   config.categories = categories.to_json()
   write_config(config, workdir)
@@ -351,6 +355,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     eval_metrics = evaluate_lib.evaluate_variables(config, variables, workdir, mesh=mesh)
     logger.write(step, {k: v for k, v in eval_metrics.items() if isinstance(v, (int, float))},
                  prefix='eval')
+    if jax.process_index() == 0:
+      print(f'Evaluation of {config.data.eval_split!r} at step {step} (written to {workdir}):\n'
+            f'{coco_eval.format_table(eval_metrics)}', flush=True)
 
   try:
     batches = loader.iterate(start_step)
