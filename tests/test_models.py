@@ -9,6 +9,7 @@ import pytest
 from retina_jax import config as config_lib
 from retina_jax import models
 from retina_jax.models import fpn as fpn_lib
+from retina_jax.models import layers
 from retina_jax.models import resnet
 
 
@@ -201,3 +202,19 @@ def test_upsample2x_is_nearest():
   want = x.repeat(2, axis=1).repeat(2, axis=2)
   np.testing.assert_array_equal(fpn_lib.upsample2x(jnp.asarray(x)), want)
 
+
+
+@pytest.mark.parametrize('k, stride, pad', [(3, 1, 1), (3, 2, 1), (1, 1, 0), (1, 2, 0), (7, 2, 3)])
+def test_cpu_conv_and_its_gradients_match_xla_conv(k, stride, pad):
+  x = images((2, 12, 16, 5))
+  kernel = images((k, k, 5, 6), seed=2)
+  dy_seed = images((2, (12 + 2 * pad - k) // stride + 1, (16 + 2 * pad - k) // stride + 1, 6), 3)
+  ref = lambda x, w: jax.lax.conv_general_dilated(
+      x, w, (stride, stride), ((pad, pad), (pad, pad)), dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+  ours = lambda x, w: layers.conv2d(x, w, stride, pad)
+  for fn in (ref, ours):
+    assert fn(x, kernel).shape == dy_seed.shape
+  loss = lambda fn: jax.jit(jax.grad(lambda x, w: jnp.sum(fn(x, w) * dy_seed), (0, 1)))
+  np.testing.assert_allclose(ours(x, kernel), ref(x, kernel), rtol=1e-5, atol=1e-4)
+  for got, want in zip(loss(ours)(x, kernel), loss(ref)(x, kernel)):
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)

@@ -10,6 +10,8 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
+from retina_jax.models import layers
+
 # torchvision's FPN init: kaiming_uniform_(a=1), i.e. U(+-sqrt(3 / fan_in)), biases 0.
 _fpn_init = nn.initializers.variance_scaling(1.0, 'fan_in', 'uniform')
 
@@ -34,10 +36,8 @@ class FPN(nn.Module):
   dtype: Any = jnp.float32
 
   def _conv(self, kernel, stride, name):
-    pad = kernel // 2
-    return nn.Conv(self.channels, (kernel, kernel), strides=(stride, stride),
-                   padding=((pad, pad), (pad, pad)), dtype=self.dtype,
-                   kernel_init=_fpn_init, name=name)
+    return layers.Conv(self.channels, kernel, stride, kernel // 2, dtype=self.dtype,
+                       kernel_init=_fpn_init, name=name)
 
   @nn.compact
   def __call__(self, features):

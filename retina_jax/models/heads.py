@@ -11,6 +11,8 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
+from retina_jax.models import layers
+
 _head_init = nn.initializers.normal(stddev=0.01)
 
 
@@ -35,11 +37,10 @@ class Head(nn.Module):
 
   @nn.compact
   def __call__(self, levels):  # levels: list of [B, H_l, W_l, C]
-    convs = [nn.Conv(self.channels, (3, 3), padding=((1, 1), (1, 1)), dtype=self.dtype,
-                     kernel_init=_head_init, name=f'conv{j}') for j in range(self.num_convs)]
-    out = nn.Conv(self.num_anchors * self.per_anchor, (3, 3), padding=((1, 1), (1, 1)),
-                  dtype=self.dtype, kernel_init=_head_init, bias_init=self.out_bias_init,
-                  name='out')
+    convs = [layers.Conv(self.channels, 3, padding=1, dtype=self.dtype, kernel_init=_head_init,
+                         name=f'conv{j}') for j in range(self.num_convs)]
+    out = layers.Conv(self.num_anchors * self.per_anchor, 3, padding=1, dtype=self.dtype,
+                      kernel_init=_head_init, bias_init=self.out_bias_init, name='out')
     outputs = []
     for x in levels:
       for conv in convs:

@@ -18,6 +18,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from retina_jax.models import layers
+
 # Blocks per stage (layer1..layer4) and whether the block is a bottleneck.
 _ARCHS = {
     'tiny': ((1, 1, 1, 1), False),
@@ -98,9 +100,8 @@ class GroupNorm(nn.Module):
 
 
 def _conv(features, kernel, stride, pad, dtype, name):
-  return nn.Conv(features, (kernel, kernel), strides=(stride, stride),
-                 padding=((pad, pad), (pad, pad)), use_bias=False, dtype=dtype,
-                 kernel_init=_conv_init, name=name)
+  return layers.Conv(features, kernel, stride, pad, use_bias=False, dtype=dtype,
+                     kernel_init=_conv_init, name=name)
 
 
 class BasicBlock(nn.Module):
