@@ -76,7 +76,8 @@ def run_detector(config, variables, source, categories, mesh, num_pictures: int 
       h, w = host_batch['image_hw'][i]
       pictures.append(visualize.draw_detections(
           host_batch['image'][i, :h, :w], dets['boxes'][i], dets['scores'][i],
-          dets['labels'][i], categories.names, score_threshold=0.3, valid=dets['valid'][i]))
+          dets['labels'][i], categories.names, score_threshold=0.3, valid=dets['valid'][i],
+          min_side=256))
     orig = inference.to_original_coords(dets, host_batch['scale'], host_batch['orig_hw'])
     acc.add(host_batch['image_id'], host_batch['example_valid'], orig['boxes'], orig['scores'],
             orig['labels'], orig['valid'])

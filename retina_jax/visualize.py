@@ -13,7 +13,8 @@ _PALETTE = ((230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 1
 
 
 def draw_detections(image, boxes, scores, labels, names: Sequence[str] | None = None,
-                    score_threshold: float = 0.0, valid=None) -> Image.Image:
+                    score_threshold: float = 0.0, valid=None,
+                    min_side: int = 0) -> Image.Image:
   """Draws detections on a copy of `image`.
 
   Args:
@@ -24,14 +25,19 @@ def draw_detections(image, boxes, scores, labels, names: Sequence[str] | None = 
     names: label -> name; the label number is printed when None.
     score_threshold: only detections with score >= this are drawn (display only).
     valid: [D] bool; all valid when None.
+    min_side: pictures whose shorter side is below this are enlarged by a whole factor (pixels
+      kept sharp) before drawing, so that labels stay legible on small images.
   Returns:
     A new RGB PIL image, highest scores drawn last (on top).
   """
   picture = (image.convert('RGB') if isinstance(image, Image.Image)
              else Image.fromarray(np.asarray(image, np.uint8)).convert('RGB')).copy()
+  factor = max(1, -(-min_side // min(picture.size))) if min_side else 1
+  if factor > 1:
+    picture = picture.resize((picture.width * factor, picture.height * factor), Image.NEAREST)
   draw = ImageDraw.Draw(picture)
   font = ImageFont.load_default()
-  boxes = np.asarray(boxes, np.float32).reshape(-1, 4)
+  boxes = np.asarray(boxes, np.float32).reshape(-1, 4) * factor
   scores = np.asarray(scores, np.float32).reshape(-1)
   labels = np.asarray(labels).reshape(-1)
   keep = scores >= score_threshold

@@ -79,6 +79,14 @@ def read_metrics(workdir: str) -> list[dict]:
   return [r for r in records if 'train/loss' in r]
 
 
+def finished_checkpoints(workdir: str) -> list[int]:
+  """Steps whose checkpoint is complete (orbax renames a step's folder to its number last)."""
+  directory = os.path.join(workdir, 'checkpoints')
+  if not os.path.isdir(directory):
+    return []
+  return sorted(int(d) for d in os.listdir(directory) if d.isdigit())
+
+
 def test_two_real_steps_train_and_compile_once(shapes_root):
   config = tiny_config(shapes_root)
   mesh = sharding_lib.make_mesh(config)
@@ -137,7 +145,8 @@ def test_killed_run_resumes_bitwise_and_restores_on_other_device_counts(shapes_r
   kill_after = int(np.random.default_rng().integers(3, 7))
   deadline = time.time() + 300
   while time.time() < deadline and proc.poll() is None:
-    if any(m['step'] >= kill_after for m in read_metrics(killed)):
+    if (any(m['step'] >= kill_after for m in read_metrics(killed)) and
+        finished_checkpoints(killed)):
       break
     time.sleep(0.05)
   assert proc.poll() is None, 'the run ended before it could be killed'
