@@ -8,7 +8,7 @@ anchor choices make a measurable difference:
   in the outline, not the colour;
 - objects from small (12 px) to most of the image, log-uniform in size; rectangles, ellipses and
   triangles with aspect ratios up to 1:3 / 3:1;
-- textured backgrounds (gradients, stripes, noise) with unannotated clutter (random blobs and
+- textured backgrounds (gradients, stripes, noise) with unannotated clutter (jagged splats and
   lines) that look like objects to an untrained detector: many easy and some hard negatives;
 - objects overlapping (IoU up to 0.35, the later one drawn on top, hiding under half the other), crowd regions (a swarm of tiny
   shapes of one class annotated by one `iscrowd` box), about 5% images without objects, and
@@ -34,7 +34,7 @@ CATEGORIES = ((20, 'ring'), (1, 'ellipse'), (12, 'cross'), (3, 'rectangle'), (7,
 SPLITS = ('train', 'validation')
 IMAGE_SIZES = ((128, 128), (160, 160), (192, 192), (128, 192), (192, 128), (144, 192),
                (192, 144))  # (h, w)
-_VERSION = 3  # Bump when the generator changes, so that stale caches are not reused.
+_VERSION = 4  # Bump when the generator changes, so that stale caches are not reused.
 
 
 def default_cache_dir() -> str:
@@ -171,12 +171,18 @@ def _overlap_ok(new, old) -> bool:
 
 
 def _clutter(draw, rng, h: int, w: int):
-  """Unannotated blobs and lines: negatives that look a bit like objects."""
+  """Unannotated splats and lines: negatives that look a bit like objects.
+
+  Splats are jagged stars (many vertices, alternating inner and outer radii): a random polygon
+  with few vertices is often a triangle or a quadrilateral, i.e. an unannotated object of a
+  real class, which would teach the detector that triangles are background.
+  """
   for _ in range(rng.integers(0, 6)):
     cx, cy, r = rng.uniform(0, w), rng.uniform(0, h), rng.uniform(3, 0.15 * min(h, w))
-    n = rng.integers(5, 9)
-    angles = np.sort(rng.uniform(0, 2 * np.pi, n))
-    radii = r * rng.uniform(0.4, 1.0, n)
+    n = 2 * int(rng.integers(5, 9))
+    angles = (np.arange(n) + rng.uniform(-0.3, 0.3, n)) * 2 * np.pi / n
+    radii = r * np.where(np.arange(n) % 2 == 0, rng.uniform(0.85, 1.0, n),
+                         rng.uniform(0.3, 0.5, n))
     draw.polygon([(float(cx + q * np.cos(a)), float(cy + q * np.sin(a)))
                   for a, q in zip(angles, radii)], fill=_colour(rng))
   for _ in range(rng.integers(0, 4)):
