@@ -176,8 +176,7 @@ def create_train_state(config, model, mesh, tx_fn=make_optimizer) -> tuple[Train
   # rbg keys: initialising with threefry compiles ~3x slower on CPU, and init draws no key
   # that training reuses.
   rng = jax.random.key(config.seed, impl='rbg')
-  variables = jax.jit(functools.partial(init_variables, config, model))(rng) \
-      if not config.init_from else init_variables(config, model, rng)
+  variables = init_variables(config, model, rng)  # models.init_variables is jitted itself.
   tx = tx_fn(config, variables['params'])
   replicated = sharding_lib.replicated(mesh)
 
