@@ -10,7 +10,7 @@ from retina_jax import config as config_lib
 
 
 def get_config(arg=None):
-  arg = config_lib.parse_arg(arg, steps=1500, batch=16)
+  arg = config_lib.parse_arg(arg, steps=1200, batch=16)
   config = config_lib.get_base_config()
   config.seed = 0
   config.batch_size = arg.batch
@@ -41,7 +41,7 @@ def get_config(arg=None):
   config.data.max_boxes = 20
   config.data.num_workers = 2
 
-  config.optim.base_lr = 0.01
+  config.optim.base_lr = 0.02
   config.optim.base_batch_size = 16
   config.optim.warmup_steps = 100
   config.optim.decay_steps = (int(arg.steps * 0.75), int(arg.steps * 0.9))
