@@ -20,6 +20,7 @@ import re
 from typing import Any, Mapping
 
 import flax.serialization
+from etils import epath
 from flax import traverse_util
 import jax
 import jax.numpy as jnp
@@ -212,8 +213,8 @@ def save_variables(variables, path: str) -> None:
 
 def load_variables(path: str) -> dict:
   """{'params': ..., 'batch_stats': ...} (numpy leaves) written by `save_variables`."""
-  with open(path, 'rb') as f:
-    return flax.serialization.msgpack_restore(f.read())
+  # epath reads local files and gs:// alike (pods keep their weights in a bucket).
+  return flax.serialization.msgpack_restore(epath.Path(path).read_bytes())
 
 
 def restore_into(variables, loaded):

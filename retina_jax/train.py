@@ -150,7 +150,7 @@ def load_pretrained(variables: dict[str, Any], path: str) -> dict[str, Any]:
   keeps its initialisation, as detectron2 does when fine-tuning; every such path is logged, so
   a wrong file cannot pass silently as 'nothing loaded'.
   """
-  if not os.path.exists(path):
+  if not epath.Path(path).exists():
     raise FileNotFoundError(f'config.init_from={path!r} does not exist; make it with '
                             'scripts/convert_torchvision.py')
   loaded = flax.traverse_util.flatten_dict(convert.load_variables(path), sep='/')
