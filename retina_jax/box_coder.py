@@ -16,6 +16,16 @@ import jax.numpy as jnp
 _MIN_TARGET_SIDE = 1e-6
 
 
+def _centre_size(boxes):
+  """[..., 4] (x1, y1, x2, y2) -> (centre x, centre y, width, height), each [...].
+
+  Width is x2 - x1 with no +1, as torchvision's BoxCoder, so converted weights decode alike.
+  """
+  w = boxes[..., 2] - boxes[..., 0]
+  h = boxes[..., 3] - boxes[..., 1]
+  return boxes[..., 0] + 0.5 * w, boxes[..., 1] + 0.5 * h, w, h
+
+
 def encode(boxes, anchors, weights=(1.0, 1.0, 1.0, 1.0)):
   """Deltas that turn `anchors` into `boxes`.
 
@@ -30,14 +40,8 @@ def encode(boxes, anchors, weights=(1.0, 1.0, 1.0, 1.0)):
   boxes = jnp.asarray(boxes, jnp.float32)
   anchors = jnp.asarray(anchors, jnp.float32)
   wx, wy, ww, wh = weights
-  aw = anchors[..., 2] - anchors[..., 0]
-  ah = anchors[..., 3] - anchors[..., 1]
-  ax = anchors[..., 0] + 0.5 * aw
-  ay = anchors[..., 1] + 0.5 * ah
-  gw = boxes[..., 2] - boxes[..., 0]
-  gh = boxes[..., 3] - boxes[..., 1]
-  gx = boxes[..., 0] + 0.5 * gw
-  gy = boxes[..., 1] + 0.5 * gh
+  ax, ay, aw, ah = _centre_size(anchors)
+  gx, gy, gw, gh = _centre_size(boxes)
   dx = wx * (gx - ax) / aw
   dy = wy * (gy - ay) / ah
   dw = ww * jnp.log(jnp.maximum(gw, _MIN_TARGET_SIDE) / aw)
@@ -60,10 +64,7 @@ def decode(deltas, anchors, weights=(1.0, 1.0, 1.0, 1.0), clamp=math.log(1000.0 
   deltas = jnp.asarray(deltas, jnp.float32)
   anchors = jnp.asarray(anchors, jnp.float32)
   wx, wy, ww, wh = weights
-  aw = anchors[..., 2] - anchors[..., 0]
-  ah = anchors[..., 3] - anchors[..., 1]
-  ax = anchors[..., 0] + 0.5 * aw
-  ay = anchors[..., 1] + 0.5 * ah
+  ax, ay, aw, ah = _centre_size(anchors)
   dx = deltas[..., 0] / wx
   dy = deltas[..., 1] / wy
   dw = jnp.minimum(deltas[..., 2] / ww, clamp)
