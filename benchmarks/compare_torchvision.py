@@ -83,8 +83,8 @@ def ours_infer(args, images):
   from retina_jax import inference
   from retina_jax import models
   config = ours_config(args)
-  # Each side padded to a multiple of 128 (the P7 stride); torchvision pads to 32.
-  padded_hw = (-(-args.height // 128) * 128, -(-args.width // 128) * 128)
+  # Each side padded to a multiple of 32, as torchvision does (P6 / P7 get ceil grids).
+  padded_hw = (-(-args.height // 32) * 32, -(-args.width // 32) * 32)
   padded = np.zeros((args.batch, *padded_hw, 3), np.uint8)
   padded[:, :args.height, :args.width] = images
   model = models.create_model(config)

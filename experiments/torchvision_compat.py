@@ -17,6 +17,7 @@ def get_config(arg=None):
   config.anchors.truncate_sizes = True  # int(size * scale)...
   config.anchors.round_base = True  # ...and rounded corners of the zero-centred base anchors.
   config.anchors.order = 'ratio_major'
+  config.anchors.stride_rule = 'image_over_grid'  # Padded side // grid side on each level.
 
   config.model.backbone = 'resnet50'
   config.model.p6_from = 'p5'  # LastLevelP6P7(256, 256).

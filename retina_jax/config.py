@@ -60,6 +60,9 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.anchors.truncate_sizes = False  # torchvision truncates size * scale to an int...
   config.anchors.round_base = False  # ...and rounds the corners of the anchors centred at 0.
   config.anchors.order = 'ratio_major'  # ratio_major (Detectron, torchvision) | scale_major (detectron2)
+  # Stride of level l: 'nominal' 2**l (detectron2, TF) | 'image_over_grid' padded side // grid
+  # side (torchvision; differs from 2**l on P6/P7 when a side is not a multiple of 2**l).
+  config.anchors.stride_rule = 'nominal'
 
   config.matcher = ml_collections.ConfigDict()
   config.matcher.foreground_iou = 0.5
@@ -96,7 +99,9 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.data.eval_split = 'validation'
   config.data.min_size = 800  # Shorter side after resize.
   config.data.max_size = 1333  # Longer side cap.
-  config.data.image_size = 1408  # Square bucket every image is padded into (multiple of 128).
+  # Square bucket every image is padded into: a multiple of 32 (the stride of C5); 128-multiples
+  # (1408 holds 1333) tile P7 exactly, as SPEC section 5 suggests.
+  config.data.image_size = 1408
   config.data.max_boxes = 100  # Ground-truth slots per image; extra objects are dropped, counted.
   config.data.random_flip = True
   config.data.num_workers = 4  # Host threads decoding images.
@@ -171,7 +176,8 @@ def set_schedule(config: ml_collections.ConfigDict, sched: str, batch_size: int)
 
 def set_scale(config: ml_collections.ConfigDict, res: int):
   """Shorter side `res` with the paper's longer-side cap (1333 at 800, same ratio elsewhere),
-  padded into the smallest square bucket that is a multiple of 128."""
+  padded into the smallest square bucket that is a multiple of 128 (SPEC section 5; any multiple
+  of 32 works, e.g. --config.data.image_size=1344, with P6/P7 grids of ceil(side / stride))."""
   config.data.min_size = res
   config.data.max_size = int(round(res * 1333 / 800))
   config.data.image_size = -(-config.data.max_size // 128) * 128

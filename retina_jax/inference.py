@@ -34,7 +34,7 @@ def make_detect_fn(config, model=None) -> DetectFn:
   `detect`'s arguments:
     variables: {'params': ..., 'batch_stats': ...} (any nested dicts of arrays).
     images: [B, S_h, S_w, 3] uint8 RGB, padded with zeros at the bottom/right; S_h and S_w
-      multiples of 2**max_level. The anchors are a trace-time constant for that size.
+      multiples of 32. The anchors are a trace-time constant for that size.
     image_hw: [B, 2] int32 (h, w) of the valid resized region of each image.
   and result (padded-image pixels):
     {'boxes': [B, D, 4] float32 (x1, y1, x2, y2), 'scores': [B, D] float32,

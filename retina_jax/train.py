@@ -282,10 +282,9 @@ def _format_eta(seconds: float) -> str:
 
 
 def validate_config(config: ml_collections.ConfigDict):
-  stride = 2 ** config.model.max_level
-  if config.data.image_size % stride:
+  if config.data.image_size % anchors_lib.SIZE_MULTIPLE:
     raise ValueError(f'config.data.image_size={config.data.image_size} must be a multiple of '
-                     f'{stride} (the stride of P{config.model.max_level})')
+                     f'{anchors_lib.SIZE_MULTIPLE} (the stride of C5)')
   if len(config.anchors.sizes) != config.model.max_level - config.model.min_level + 1:
     raise ValueError('config.anchors.sizes needs one base size per level '
                      f'P{config.model.min_level}..P{config.model.max_level}')

@@ -182,3 +182,56 @@ def test_restore_into_model_variables():
   bad = {'params': {'backbone': {'conv1': {'kernel': np.zeros((1, 1, 1, 1), np.float32)}}}}
   with pytest.raises(ValueError, match='params/backbone/conv1/kernel'):
     convert.restore_into(init, bad)
+
+
+def _load_experiment(name):
+  path = pathlib.Path(__file__).resolve().parents[1] / 'experiments' / f'{name}.py'
+  spec = importlib.util.spec_from_file_location(name, path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def test_converted_retinanet_gives_torchvision_detections_end_to_end(torch_retinanet):
+  """The whole torchvision model (its transform, backbone, head, anchors, decoding, NMS) on an
+  image against ours (uint8 in, normalisation, the jitted detector, back to image pixels) under
+  experiments/torchvision_compat.py. The image is 288x416, so torchvision's resize is the
+  identity (min_size 288, max_size 416) and both sides see the same pixels without padding; its
+  sides are not multiples of 64 or 128, so P6 / P7 have ceil grids and torchvision's strides
+  (side // grid: 96 and 104 on P7) differ from 2**l."""
+  import copy  # pylint: disable=import-outside-toplevel
+  from retina_jax import inference  # pylint: disable=import-outside-toplevel
+  tv = copy.deepcopy(torch_retinanet)
+  with torch.no_grad():  # Scores around 0.1 instead of the prior's 0.01, so that many pass 0.05.
+    tv.head.classification_head.cls_logits.bias.fill_(-2.2)
+  tv.transform.min_size, tv.transform.max_size = (288,), 416
+  tv.detections_per_img = 5000  # Every NMS survivor, so that P6 and P7 detections are compared.
+  tv.eval()
+  image = np.random.default_rng(3).integers(0, 256, (288, 416, 3), dtype=np.uint8)
+  with torch.no_grad():
+    want = tv([torch.from_numpy(image.transpose(2, 0, 1).astype(np.float32) / 255.0)])[0]
+  want = {k: v.numpy() for k, v in want.items()}
+  assert 300 <= len(want['scores']) < 5000, len(want['scores'])  # Many, yet below the cap.
+
+  config = _load_experiment('torchvision_compat').get_config()
+  config.postprocess.max_detections = 5000
+  variables, _ = convert.convert_state_dict(numpy_state_dict(tv))
+  detect = inference.make_detect_fn(config)
+  dets = detect(variables, jnp.asarray(image[None]), jnp.asarray([[288, 416]], jnp.int32))
+  got = inference.to_original_coords(dets, [1.0], [[288, 416]])
+  valid = got['valid'][0]
+  got = {'boxes': got['boxes'][0][valid], 'scores': got['scores'][0][valid],
+         'labels': got['labels'][0][valid]}
+  # Our labels are contiguous indices into the 91 torchvision rows: the same numbers.
+  assert len(got['scores']) == len(want['scores'])
+  # One-to-one: each torchvision detection has its own detection of ours with the same label,
+  # score and box (near-equal scores may come in another order, and boxes clipped to the same
+  # degenerate box at the border differ only in score, so match on all three).
+  matched = set()
+  for box, score, label in zip(want['boxes'], want['scores'], want['labels']):
+    diff = np.maximum(np.abs(got['boxes'] - box).max(axis=1) / 2e-3,
+                      np.abs(got['scores'] - score) / 1e-5) + 1e9 * (got['labels'] != label)
+    i = int(np.argmin(diff))
+    assert diff[i] < 1, (box, score, label, got['boxes'][i], got['scores'][i])
+    matched.add(i)
+  assert len(matched) == len(want['scores'])

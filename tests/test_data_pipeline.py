@@ -199,9 +199,9 @@ def test_unreadable_image_fails_or_is_skipped(shapes_root, tmp_path):
   assert batch['example_valid'][~bad].all() and not batch['box_valid'][bad].any()
 
 
-def test_image_size_must_be_a_multiple_of_128(shapes_root):
+def test_image_size_must_be_a_multiple_of_32(shapes_root):
   cfg = _config(shapes_root, image_size=200)
-  with pytest.raises(ValueError, match='multiple of 128'):
+  with pytest.raises(ValueError, match='multiple of 32'):
     pipeline.TrainLoader(pipeline.create_source(cfg, 'train'), cfg, 2, seed=0, process_index=0,
                          process_count=1)
 

@@ -6,6 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from retina_jax import anchors as anchors_lib
 from retina_jax import config as config_lib
 from retina_jax import models
 from retina_jax.models import fpn as fpn_lib
@@ -64,6 +65,18 @@ def test_output_shapes_and_anchor_count_per_level(tiny):
   assert out['cls_logits'].shape == (2, num_anchors, config.model.num_classes)
   assert out['box_deltas'].shape == (2, num_anchors, 4)
   assert out['cls_logits'].dtype == out['box_deltas'].dtype == jnp.float32
+
+
+def test_sides_that_are_multiples_of_32_only_give_ceil_grids_on_p6_p7(tiny):
+  config, model, variables, _ = tiny
+  h, w = 96, 160  # 3 x 5 on C5; P6 2 x 3 and P7 1 x 2 from the stride-2 convs.
+  out = jax.jit(model.apply)(variables, images((1, h, w, 3)))
+  grids = anchors_lib.grid_sizes(config.model.min_level, config.model.max_level, (h, w))
+  assert grids[-2:] == ((2, 3), (1, 2))
+  sizes = anchors_lib.anchors_per_level(config.anchors, config.model.min_level,
+                                        config.model.max_level, (h, w))
+  assert sum(sizes) == 9 * sum(gh * gw for gh, gw in grids)
+  assert out['cls_logits'].shape == (1, sum(sizes), config.model.num_classes)
 
 
 def test_head_layout_is_level_then_location_then_anchor(tiny):

@@ -41,6 +41,7 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
+from retina_jax import anchors as anchors_lib
 from retina_jax.data import shapes
 from retina_jax.data.coco_format import BadImageError, CocoFormatSource
 from retina_jax.data.tfds_source import TfdsSource
@@ -188,9 +189,9 @@ class _Batcher:
   def __init__(self, source: Source, data_config):
     self.source = source
     self.image_size = int(data_config.image_size)
-    if self.image_size % 128:
-      raise ValueError(f'config.data.image_size must be a multiple of 128 (the stride of P7), '
-                       f'got {self.image_size}.')
+    if self.image_size % anchors_lib.SIZE_MULTIPLE:
+      raise ValueError(f'config.data.image_size must be a multiple of {anchors_lib.SIZE_MULTIPLE} '
+                       f'(the stride of C5), got {self.image_size}.')
     self.max_boxes = int(data_config.max_boxes)
     self.min_size, self.max_size = int(data_config.min_size), int(data_config.max_size)
     self.skip_bad_images = bool(data_config.get('skip_bad_images', False))

@@ -26,8 +26,9 @@ def upsample2x(x):
 class FPN(nn.Module):
   """Backbone features {'c2'..'c5'} -> {'p{l}': [B, H / 2**l, W / 2**l, channels]}.
 
-  Image sides must be multiples of 2**max_level so that every top-down step is an exact 2x
-  (torchvision's interpolate to the lateral's size is then the same thing).
+  Image sides must be multiples of 32 (the stride of C5) so that every top-down step is an exact
+  2x (torchvision's interpolate to the lateral's size is then the same thing). P6 and P7 come
+  from stride-2 convs and have ceil(side / 2**l) rows and columns (anchors.grid_sizes).
   """
   channels: int = 256
   min_level: int = 3

@@ -24,7 +24,7 @@ def compute_dtype(name: str):
 
 
 class RetinaNet(nn.Module):
-  """images [B, H, W, 3] (normalized, H and W multiples of 2**max_level) ->
+  """images [B, H, W, 3] (normalized, H and W multiples of 32) ->
   {'cls_logits': [B, N, K] float32, 'box_deltas': [B, N, 4] float32}, N = total anchors in the
   anchor order of config.py (levels min..max, row-major (y, x), then the A anchors).
 
