@@ -117,9 +117,11 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.data.prefetch_batches = 2  # Host batches built ahead of the training loop.
 
   config.optim = ml_collections.ConfigDict()
+  config.optim.name = 'sgd'  # 'sgd' (the paper's) or 'adamw' (decoupled weight decay).
   config.optim.base_lr = 0.01  # At base_batch_size; scaled linearly with config.batch_size.
   config.optim.base_batch_size = 16
-  config.optim.momentum = 0.9
+  config.optim.momentum = 0.9  # SGD momentum; AdamW's beta1.
+  config.optim.adam_b2 = 0.999
   config.optim.weight_decay = 1e-4  # Not applied to norm scales and biases.
   config.optim.warmup_steps = 1000
   config.optim.warmup_factor = 0.001

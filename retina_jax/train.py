@@ -67,16 +67,23 @@ def weight_decay_mask(params: Any) -> Any:
 
 
 def make_optimizer(config: ml_collections.ConfigDict, params: Any) -> optax.GradientTransformation:
-  """SGD with momentum and weight decay; parameters frozen by `config.model.freeze_at` get no
-  update and no optimiser state."""
+  """SGD with momentum and L2 weight decay (the paper's), or AdamW with decoupled weight decay
+  (`config.optim.name`); parameters frozen by `config.model.freeze_at` get no update and no
+  optimiser state."""
   o = config.optim
   parts = []
   if o.grad_clip_norm > 0:
     parts.append(optax.clip_by_global_norm(o.grad_clip_norm))
-  parts += [
-      optax.add_decayed_weights(o.weight_decay, mask=weight_decay_mask),
-      optax.sgd(learning_rate_schedule(config), momentum=o.momentum),
-  ]
+  if o.name == 'sgd':
+    parts += [
+        optax.add_decayed_weights(o.weight_decay, mask=weight_decay_mask),
+        optax.sgd(learning_rate_schedule(config), momentum=o.momentum),
+    ]
+  elif o.name == 'adamw':
+    parts.append(optax.adamw(learning_rate_schedule(config), b1=o.momentum, b2=o.adam_b2,
+                             weight_decay=o.weight_decay, mask=weight_decay_mask))
+  else:
+    raise ValueError(f"config.optim.name must be 'sgd' or 'adamw', got {o.name!r}")
   frozen = models.frozen_mask(params, config.model.freeze_at)
   labels = jax.tree.map(lambda f: 'frozen' if f else 'train', frozen)
   return optax.multi_transform(
