@@ -38,7 +38,7 @@ from retina_jax.data.categories import CategoryMap
 
 def load_image(path: str) -> np.ndarray:
   """uint8 [H, W, 3] RGB, as the data pipeline decodes images (module docstring)."""
-  return coco_format.decode_image(path, path, -1)
+  return coco_format.decode_image(path, path, None)  # A lone file has no image id.
 
 
 def predict(config, variables, image: np.ndarray, categories: CategoryMap,
@@ -110,7 +110,10 @@ def main(fl, argv):
   params_dir = params if os.path.isdir(params) else os.path.dirname(params)
   variables = export_lib.load_params(params)
   categories = export_lib.resolve_categories(config, params_dir)
-  image = load_image(image_path)
+  try:
+    image = load_image(image_path)
+  except coco_format.BadImageError as e:
+    sys.exit(f'predict: {e}')  # The path and the reason; a traceback would add nothing.
   detections = predict(config, variables, image, categories)
   if fl['json'].value:
     with open(fl['json'].value, 'w') as f:

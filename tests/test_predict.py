@@ -83,7 +83,7 @@ def test_draw_only_above_threshold():
 
 
 @pytest.mark.slow
-def test_cli_writes_every_detection_and_a_picture(detector, tmp_path):
+def test_cli_writes_every_detection_and_a_picture_and_names_a_broken_image(detector, tmp_path):
   config, variables, _ = detector
   export_dir = tmp_path / 'export'
   export_lib.write_export(str(export_dir), config, variables, tiny_detector.CATEGORIES)
@@ -106,3 +106,12 @@ def test_cli_writes_every_detection_and_a_picture(detector, tmp_path):
   drawn = np.asarray(Image.open(tmp_path / 'out.png'))
   original = predict_lib.load_image(str(tmp_path / 'in.jpg'))
   np.testing.assert_array_equal(drawn, original)  # Nothing scored >= 2.0: nothing drawn.
+
+  # A broken file: one line naming it and the reason, no traceback, a failing exit status.
+  (tmp_path / 'broken.jpg').write_bytes(b'\xff\xd8\xff\xe0 not really a JPEG')
+  proc = subprocess.run(
+      [sys.executable, '-m', 'retina_jax.predict', f'--params={export_dir}',
+       f'--image={tmp_path / "broken.jpg"}'], env=env, capture_output=True, text=True, timeout=300)
+  assert proc.returncode != 0
+  assert 'broken.jpg' in proc.stderr and 'Traceback' not in proc.stderr, proc.stderr[-2000:]
+  assert 'image id' not in proc.stderr

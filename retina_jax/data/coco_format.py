@@ -42,13 +42,14 @@ Image.MAX_IMAGE_PIXELS = 20_000 * 20_000
 class BadImageError(RuntimeError):
   """An image that cannot be read; carries what a user needs to find it."""
 
-  def __init__(self, path: str, image_id: int, reason: str):
-    super().__init__(f'Cannot use image {path!r} (image id {image_id}): {reason}')
+  def __init__(self, path: str, image_id: int | None, reason: str):
+    which = f' (image id {image_id})' if image_id is not None else ''
+    super().__init__(f'Cannot use image {path!r}{which}: {reason}')
     self.path = path
     self.image_id = image_id
 
 
-def decode_image(data: bytes | str, path: str, image_id: int) -> np.ndarray:
+def decode_image(data: bytes | str, path: str, image_id: int | None) -> np.ndarray:
   """Encoded image (bytes or a file path) -> uint8 [H, W, 3] RGB in stored pixel layout."""
   try:
     with Image.open(io.BytesIO(data) if isinstance(data, bytes) else data) as im:
