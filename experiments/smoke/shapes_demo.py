@@ -41,7 +41,13 @@ def get_config(arg=None):
   config.data.max_boxes = 20
   config.data.num_workers = 2
 
-  config.optim.base_lr = 0.02
+  # AdamW, not the paper's SGD: from scratch on this short schedule SGD's single learning rate is
+  # too low for the focal-loss classifier (whose gradient gamma shrinks) and too high for the
+  # rest (LR 0.06 diverged); AdamW's per-parameter step size removes that coupling. Measured on
+  # the shapes eval split at 800 steps: SGD (LR 0.02) AP50 0.11, AdamW (LR 0.002) 0.45.
+  config.optim.name = 'adamw'
+  config.optim.base_lr = 0.002
+  config.optim.weight_decay = 0.05  # Decoupled: each step shrinks kernels by LR * 0.05.
   config.optim.base_batch_size = 16
   config.optim.warmup_steps = 100
   config.optim.decay_steps = (int(arg.steps * 0.75), int(arg.steps * 0.9))
