@@ -16,7 +16,12 @@ from etils import epath
 
 
 def checkpoint_dir(workdir: str) -> epath.Path:
-  return epath.Path(workdir) / 'checkpoints'
+  """<workdir>/checkpoints, made absolute for local paths (orbax refuses relative ones, and
+  `make demo` passes workdirs/demo); gs:// and other URLs are kept as they are."""
+  path = epath.Path(workdir)
+  if '://' not in str(workdir):
+    path = path.resolve()
+  return path / 'checkpoints'
 
 
 def make_manager(workdir: str, keep: int, async_save: bool = True) -> ocp.CheckpointManager:
