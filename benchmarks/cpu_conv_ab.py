@@ -1,0 +1,60 @@
+"""A/B of the CPU conv formulation in `retina_jax/models/layers.py`, one process, interleaved.
+
+  python -m benchmarks.cpu_conv_ab [--rounds 6]
+
+'new' is the code as it is: weight-gradient GEMMs on 2-D [pixels, channels] views and 1x1
+convolutions with an explicit VJP. 'old' is the formulation before commit 6da6196, patched in:
+4-D einsums, autodiff for 1x1 (XLA CPU then copied gradients into transposed layouts). Both are
+the R50-FPN train step of `compare_torchvision --what train` (batch 2, 512 px, fp32).
+"""
+
+import argparse
+import statistics
+import time
+
+import jax.numpy as jnp
+
+from benchmarks import compare_torchvision
+from retina_jax.models import layers
+
+
+def _old_pixels_contraction(x, dy):
+  return jnp.einsum('bhwc,bhwo->co', x, dy, preferred_element_type=jnp.float32)
+
+
+def _old_conv2d(x, kernel, stride=1, pad=0):
+  if kernel.shape[0] == 1 and kernel.shape[1] == 1 and pad == 0:
+    return jnp.einsum('bhwc,co->bhwo', x[:, ::stride, ::stride], kernel[0, 0],
+                      preferred_element_type=jnp.float32).astype(x.dtype)
+  return layers._conv_gemm_wgrad(x, kernel, stride, pad)  # pylint: disable=protected-access
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  parser.add_argument('--rounds', type=int, default=6)
+  args = parser.parse_args(argv)
+  bench = argparse.Namespace(precision='fp32', batch=2, height=512, width=512, num_boxes=8,
+                             device='cpu')
+  batch = compare_torchvision.make_batch(2, 512, 512, 8)
+  runs = {'new': compare_torchvision.ours_train(bench, *batch)[0]}
+  # The step is traced and compiled inside ours_train, so patching first gives the old program.
+  saved = layers._pixels_contraction, layers.conv2d  # pylint: disable=protected-access
+  layers._pixels_contraction, layers.conv2d = _old_pixels_contraction, _old_conv2d
+  try:
+    runs['old'] = compare_torchvision.ours_train(bench, *batch)[0]
+  finally:
+    layers._pixels_contraction, layers.conv2d = saved
+  times = {name: [] for name in runs}
+  for run in runs.values():
+    run()
+  for _ in range(args.rounds):
+    for name, run in runs.items():
+      t0 = time.perf_counter()
+      run()
+      times[name].append(time.perf_counter() - t0)
+  med = {name: statistics.median(t) for name, t in times.items()}
+  print(f"old {med['old']:.3f} s  new {med['new']:.3f} s  new / old {med['new'] / med['old']:.3f}")
+
+
+if __name__ == '__main__':
+  main()
