@@ -10,7 +10,6 @@ the R50-FPN train step of `compare_torchvision --what train` (batch 2, 512 px, f
 
 import argparse
 import statistics
-import time
 
 import jax.numpy as jnp
 
@@ -44,14 +43,9 @@ def main(argv=None):
     runs['old'] = compare_torchvision.ours_train(bench, *batch)[0]
   finally:
     layers._pixels_contraction, layers.conv2d = saved
-  times = {name: [] for name in runs}
   for run in runs.values():
     run()
-  for _ in range(args.rounds):
-    for name, run in runs.items():
-      t0 = time.perf_counter()
-      run()
-      times[name].append(time.perf_counter() - t0)
+  times = compare_torchvision.timeit(runs, args.rounds)
   med = {name: statistics.median(t) for name, t in times.items()}
   print(f"old {med['old']:.3f} s  new {med['new']:.3f} s  new / old {med['new'] / med['old']:.3f}")
 

@@ -20,14 +20,10 @@ import numpy as np
 from benchmarks import compare_torchvision
 
 
-def _min_time(fn, repeats: int) -> float:
-  fn()
-  times = []
-  for _ in range(repeats):
-    t0 = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - t0)
-  return min(times)
+def _min_times(fns: dict, repeats: int) -> dict[str, float]:
+  for fn in fns.values():
+    fn()  # Warm-up (and compilation, for ours).
+  return {k: min(v) for k, v in compare_torchvision.timeit(fns, repeats).items()}
 
 
 def ours(args) -> dict[str, float]:
@@ -50,8 +46,8 @@ def ours(args) -> dict[str, float]:
       'backbone+fpn': jax.jit(lambda x: fpn.apply(sub('fpn'), backbone.apply(sub('backbone'), x))),
       'network': jax.jit(lambda x: model.apply(variables, x)),
   }
-  return {k: _min_time(lambda f=f: jax.block_until_ready(f(x)), args.repeats)
-          for k, f in fns.items()}
+  return _min_times({k: (lambda f=f: jax.block_until_ready(f(x))) for k, f in fns.items()},
+                    args.repeats)
 
 
 def theirs(args) -> dict[str, float]:
@@ -65,7 +61,7 @@ def theirs(args) -> dict[str, float]:
       'network': lambda: model.head(list(model.backbone(x).values())),
   }
   with torch.no_grad():
-    return {k: _min_time(f, args.repeats) for k, f in fns.items()}
+    return _min_times(fns, args.repeats)
 
 
 def main(argv=None):
