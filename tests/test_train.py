@@ -85,8 +85,11 @@ def finished_checkpoints(workdir: str) -> list[int]:
   return sorted(int(d) for d in os.listdir(directory) if d.isdigit())
 
 
-def test_two_real_steps_train_and_compile_once(shapes_root):
-  config = tiny_config(shapes_root)
+# 160 is a multiple of 32 but not of 128: P6 and P7 have ceil-sized grids (3 x 3, 2 x 2).
+@pytest.mark.parametrize('size', [128, 160])
+def test_two_real_steps_train_and_compile_once(shapes_root, size):
+  config = tiny_config(shapes_root, **{'data.image_size': size, 'data.min_size': size,
+                                       'data.max_size': size})
   mesh = sharding_lib.make_mesh(config)
   model = models.create_model(config)
   state, tx = train.create_train_state(config, model, mesh)
