@@ -13,13 +13,13 @@ dense bf16 peak of `_PEAK_TFLOPS` (null on CPUs and unknown devices).
 
 import argparse
 import ast
-import importlib.util
 import json
 import platform
 import time
 
 import jax
 
+from retina_jax import config as config_lib
 from retina_jax import models
 from retina_jax import sharding as sharding_lib
 from retina_jax import train
@@ -41,20 +41,13 @@ def apply_overrides(config, pairs):
       value = ast.literal_eval(text)
     except (ValueError, SyntaxError):
       value = text
-    *parents, leaf = key.split('.')
-    node = config
-    for name in parents:
-      node = node[name]
-    node[leaf] = type(node[leaf])(value) if isinstance(node[leaf], float) else value
+    config_lib.set_by_path(config, key, value)
   return config
 
 
 def load_config(spec: str):
   path, _, arg = spec.partition(':')
-  module_spec = importlib.util.spec_from_file_location('experiment', path)
-  module = importlib.util.module_from_spec(module_spec)
-  module_spec.loader.exec_module(module)
-  return module.get_config(arg or None)
+  return config_lib.load_experiment(path).get_config(arg or None)
 
 
 def main(argv=None):

@@ -16,7 +16,10 @@ Conventions that every module relies on (one source of truth, do not redefine el
   category ids are mapped to and from them by `retina_jax.data.categories`.
 """
 
+import importlib.util
 import math
+import os
+import types
 
 import ml_collections
 
@@ -183,3 +186,24 @@ def set_scale(config: ml_collections.ConfigDict, res: int):
   config.data.min_size = res
   config.data.max_size = int(round(res * 1333 / 800))
   config.data.image_size = -(-config.data.max_size // 128) * 128
+
+
+def load_experiment(path: str) -> types.ModuleType:
+  """The module of an experiment file (its get_config, and get_sweep where defined), by path."""
+  spec = importlib.util.spec_from_file_location(
+      os.path.splitext(os.path.basename(path))[0], path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def set_by_path(config: ml_collections.ConfigDict, key: str, value) -> None:
+  """config['a']['b'] = value for key 'a.b' (the key of a --config.a.b=value flag); an int for a
+  float field becomes a float, as ml_collections' flags do."""
+  *parents, leaf = key.split('.')
+  node = config
+  for name in parents:
+    node = node[name]
+  if isinstance(node.get(leaf), float) and isinstance(value, int) and not isinstance(value, bool):
+    value = float(value)
+  node[leaf] = value

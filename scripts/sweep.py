@@ -10,7 +10,6 @@ Without --dry-run the runs go one after another on this machine; with --pod they
 """
 
 import argparse
-import importlib.util
 import inspect
 import os
 import shlex
@@ -19,14 +18,13 @@ import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..'))
 
+from retina_jax import config as config_lib  # pylint: disable=g-import-not-at-top
 from retina_jax import hyper  # pylint: disable=g-import-not-at-top
 
 
 def load_sweep(spec: str) -> list[dict]:
   path, _, arg = spec.partition(':')
-  module_spec = importlib.util.spec_from_file_location('experiment', path)
-  module = importlib.util.module_from_spec(module_spec)
-  module_spec.loader.exec_module(module)
+  module = config_lib.load_experiment(path)
   if not hasattr(module, 'get_sweep'):
     raise SystemExit(f'{path} defines no get_sweep(hyper)')
   get_sweep = module.get_sweep

@@ -16,7 +16,8 @@ from retina_jax import convert  # pylint: disable=wrong-import-position
 from retina_jax import models  # pylint: disable=wrong-import-position
 from retina_jax.models import resnet  # pylint: disable=wrong-import-position
 
-_SCRIPT = pathlib.Path(__file__).resolve().parents[1] / 'scripts' / 'convert_torchvision.py'
+_ROOT = pathlib.Path(__file__).resolve().parents[1]
+_SCRIPT = _ROOT / 'scripts' / 'convert_torchvision.py'
 
 
 def randomize_(model):
@@ -184,14 +185,6 @@ def test_restore_into_model_variables():
     convert.restore_into(init, bad)
 
 
-def _load_experiment(name):
-  path = pathlib.Path(__file__).resolve().parents[1] / 'experiments' / f'{name}.py'
-  spec = importlib.util.spec_from_file_location(name, path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
-
-
 def test_converted_retinanet_gives_torchvision_detections_end_to_end(torch_retinanet):
   """The whole torchvision model (its transform, backbone, head, anchors, decoding, NMS) on an
   image against ours (uint8 in, normalisation, the jitted detector, back to image pixels) under
@@ -213,7 +206,8 @@ def test_converted_retinanet_gives_torchvision_detections_end_to_end(torch_retin
   want = {k: v.numpy() for k, v in want.items()}
   assert 300 <= len(want['scores']) < 5000, len(want['scores'])  # Many, yet below the cap.
 
-  config = _load_experiment('torchvision_compat').get_config()
+  config = config_lib.load_experiment(
+      str(_ROOT / 'experiments' / 'torchvision_compat.py')).get_config()
   config.postprocess.max_detections = 5000
   variables, _ = convert.convert_state_dict(numpy_state_dict(tv))
   detect = inference.make_detect_fn(config)

@@ -1,7 +1,6 @@
 """Experiment files are data: they load, their sweeps expand, and the sweep script wires them."""
 
 import glob
-import importlib.util
 import os
 import subprocess
 import sys
@@ -14,11 +13,7 @@ from retina_jax import hyper
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _load(path):
-  spec = importlib.util.spec_from_file_location('experiment', path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+_load = config_lib.load_experiment
 
 
 EXPERIMENTS = sorted(p for p in glob.glob(os.path.join(ROOT, 'experiments', '**', '*.py'),

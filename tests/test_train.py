@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from retina_jax import checkpoint as ckpt
+from retina_jax import config as config_lib
 from retina_jax import models
 from retina_jax import sharding as sharding_lib
 from retina_jax import train
@@ -35,17 +36,9 @@ def shapes_root(tmp_path_factory):
 
 
 def tiny_config(shapes_root, **overrides):
-  import importlib.util
-  spec = importlib.util.spec_from_file_location('demo', DEMO)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config()
+  config = config_lib.load_experiment(DEMO).get_config()
   for key, value in {**TINY, 'data.root': shapes_root, **overrides}.items():
-    node = config
-    *parents, leaf = key.split('.')
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
+    config_lib.set_by_path(config, key, value)
   return config
 
 
