@@ -213,6 +213,15 @@ def abstract_train_state(config, model, mesh) -> tuple[TrainState, Any]:
                       state), tx
 
 
+# The host-batch fields the train step reads; the rest (image ids, original sizes) stay on the
+# host, so that an int64 image id is never truncated on its way to the devices.
+TRAIN_INPUTS = ('image', 'image_hw', 'boxes', 'labels', 'is_crowd', 'box_valid')
+
+
+def train_inputs(host_batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+  return {k: host_batch[k] for k in TRAIN_INPUTS}
+
+
 def abstract_batch(config, mesh) -> dict[str, jax.ShapeDtypeStruct]:
   """The global training batch as abstract arrays split over 'data'."""
   b, s, g = config.batch_size, config.data.image_size, config.data.max_boxes
@@ -368,7 +377,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     batches = loader.iterate(start_step)
     for step in range(start_step + 1, config.num_train_steps + 1):
       host_batch = next(batches)
-      state, metrics = step_fn(state, sharding_lib.to_global(host_batch, mesh))
+      state, metrics = step_fn(state, sharding_lib.to_global(train_inputs(host_batch), mesh))
       pending.append(metrics)
       if step == start_step + 1:
         # The first step includes compilation: start the clock for images/s and ETA after it.

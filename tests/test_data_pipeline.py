@@ -239,3 +239,26 @@ def test_closing_the_iterator_stops_its_thread(shapes_root):
       t.name == 'retina_jax-prefetch' for t in threading.enumerate()):
     time.sleep(0.05)
   assert not any(t.name == 'retina_jax-prefetch' for t in threading.enumerate())
+
+
+def test_image_ids_past_int32_are_carried_exactly(tmp_path):
+  # Real data sets use ids such as 20190101000042; an int32 batch field overflowed on them.
+  import json  # pylint: disable=g-import-not-at-top
+  import tiny_detector  # pylint: disable=g-import-not-at-top
+  from retina_jax import train  # pylint: disable=g-import-not-at-top
+  tiny_detector.write_coco_dir(str(tmp_path), split='train', sizes=((60, 80), (80, 60)))
+  ann_file = tmp_path / 'annotations' / 'instances_train.json'
+  gt = json.loads(ann_file.read_text())
+  big = {im['id']: 2**31 + 5 + k * 2**33 for k, im in enumerate(gt['images'])}
+  for item in gt['images']:
+    item['id'] = big[item['id']]
+  for item in gt['annotations']:
+    item['image_id'] = big[item['image_id']]
+  ann_file.write_text(json.dumps(gt))
+  cfg = _config(str(tmp_path), name='coco_format')
+  src = pipeline.create_source(cfg, 'train')
+  (batch,) = pipeline.eval_batches(src, cfg, 4, process_index=0, process_count=1)
+  assert batch['image_id'].tolist() == sorted(big.values()) + [-1, -1]
+  batch = pipeline.TrainLoader(src, cfg, 2, seed=0, process_index=0, process_count=1).batch(0)
+  assert sorted(batch['image_id'].tolist()) == sorted(big.values())
+  assert 'image_id' not in train.train_inputs(batch)  # Stays on the host.

@@ -152,11 +152,12 @@ _GATHER_WORKER = textwrap.dedent('''
   import json
   import numpy as np
   from retina_jax.evaluation import coco_eval
-  # Host 0 saw images 1, 2, 3; host 1 saw 3 again (the last batch wrapped), 4 and two
-  # eval-padding rows: the hosts hold different row counts.
-  ids = [[1, 2, 3], [3, 4, 0, 0]][pid]
+  # Host 0 saw images 1, 2, 3; host 1 saw 3 again (the last batch wrapped), 2**33 + 4 (ids
+  # past int32 must survive the gather) and two eval-padding rows: the hosts hold different
+  # row counts.
+  ids = [[1, 2, 3], [3, 2**33 + 4, 0, 0]][pid]
   ok = [[True, True, True], [True, True, False, False]][pid]
-  local = {'image_id': np.array(ids, np.int32), 'example_valid': np.array(ok),
+  local = {'image_id': np.array(ids, np.int64), 'example_valid': np.array(ok),
            'boxes': np.full([len(ids), 2, 4], pid, np.float32),
            'scores': np.full([len(ids), 2], 0.5 + pid, np.float32),
            'labels': np.zeros([len(ids), 2], np.int32),
@@ -185,7 +186,7 @@ def test_gather_across_two_processes_counts_each_image_once(tmp_path):
     assert p.returncode == 0, err[-3000:]
     outs.append(json.loads(out.split('RESULT', 1)[1]))
   assert outs[0] == outs[1]  # Every host ends with the same global list.
-  assert outs[0]['ids'] == [1, 2, 3, 4]
+  assert outs[0]['ids'] == [1, 2, 3, 2**33 + 4]
   assert outs[0]['scores'] == [0.5, 0.5, 0.5, 1.5]  # Image 3 from host 0 (first seen) only.
 
 

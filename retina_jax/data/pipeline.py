@@ -8,7 +8,9 @@ global jax.Array):
   'labels'        int32   [B, G] contiguous labels (0 where padded)
   'is_crowd'      bool    [B, G]
   'box_valid'     bool    [B, G]
-  'image_id'      int32   [B] the data set's image id (-1 on eval padding)
+  'image_id'      int64   [B] the data set's image id (-1 on eval padding); host-side only,
+                          int64 because data sets use ids past 2**31 (never sent to devices,
+                          where jax would truncate it to int32)
   'orig_hw'       int32   [B, 2] (h, w) of the original image
   'scale'         float32 [B] resized = original * scale (boxes and sides alike)
   'example_valid' bool    [B] False on eval padding (and on skipped unreadable images)
@@ -106,7 +108,7 @@ def preprocess(example: dict, *, min_size: int, max_size: int, image_size: int, 
   return {
       'image': padded, 'image_hw': np.asarray([nh, nw], np.int32), 'boxes': out_boxes,
       'labels': labels, 'is_crowd': crowd, 'box_valid': np.arange(max_boxes) < n,
-      'image_id': np.int32(example['image_id']), 'orig_hw': np.asarray([h, w], np.int32),
+      'image_id': np.int64(example['image_id']), 'orig_hw': np.asarray([h, w], np.int32),
       'scale': np.float32(scale), 'example_valid': np.bool_(True)}
 
 
@@ -117,7 +119,7 @@ def _blank_batch(batch_size: int, image_size: int, max_boxes: int) -> dict[str, 
       'image': np.zeros((b, s, s, 3), np.uint8), 'image_hw': np.zeros((b, 2), np.int32),
       'boxes': np.zeros((b, g, 4), np.float32), 'labels': np.zeros((b, g), np.int32),
       'is_crowd': np.zeros((b, g), bool), 'box_valid': np.zeros((b, g), bool),
-      'image_id': np.full((b,), -1, np.int32), 'orig_hw': np.zeros((b, 2), np.int32),
+      'image_id': np.full((b,), -1, np.int64), 'orig_hw': np.zeros((b, 2), np.int32),
       'scale': np.ones((b,), np.float32), 'example_valid': np.zeros((b,), bool)}
 
 

@@ -85,12 +85,18 @@ def gather_and_dedupe(local: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
     n = local['image_id'].shape[0]
     max_n = int(np.max(multihost_utils.process_allgather(np.int32(n))))
+    # Image ids may pass 2**31 and the gather runs through int32 jax arrays: as two halves.
+    ids = local.pop('image_id').astype(np.int64)
+    local['image_id_hi'] = (ids >> 32).astype(np.int32)
+    local['image_id_lo'] = (ids & 0xFFFFFFFF).astype(np.uint32).view(np.int32)
     padded = {}
     for k, v in local.items():
       pad = [(0, max_n - n)] + [(0, 0)] * (v.ndim - 1)
       padded[k] = np.pad(v, pad)  # Zeros: example_valid False on the padding rows.
     gathered = multihost_utils.process_allgather(padded, tiled=True)
     local = {k: np.asarray(v) for k, v in gathered.items()}
+    local['image_id'] = ((local.pop('image_id_hi').astype(np.int64) << 32)
+                         | local.pop('image_id_lo').view(np.uint32).astype(np.int64))
   return dedupe_by_image_id(local)
 
 
