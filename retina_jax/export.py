@@ -173,7 +173,7 @@ def write_export(out_dir: str, config, variables, categories: CategoryMap, batch
           'resize': {'min_size': int(config.data.min_size), 'max_size': int(config.data.max_size),
                      'rule': 'scale = min(min_size / shorter side, max_size / longer side, '
                              'image_size / longer side); each side resized to '
-                             'min(image_size, round(side * scale)) (bilinear), padded '
+                             'min(image_size, max(1, round(side * scale))) (bilinear), padded '
                              'bottom/right with 0 (retina_jax.data.pipeline.preprocess)'},
       }, indent=2).encode(),
   }

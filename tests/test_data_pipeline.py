@@ -79,6 +79,20 @@ def test_resize_caps_and_max_boxes():
   assert pipeline.resize_scale(400, 1200, 800, 1333, 1408) == 1333 / 1200
 
 
+@pytest.mark.parametrize('flip', [False, True])
+def test_extremely_elongated_image_keeps_a_one_pixel_side(flip):
+  # 3 x 1000 into a 128 bucket: round(3 * 0.128) = 0 rows made PIL's resize fail.
+  rng = np.random.default_rng(0)
+  ex = {'image': rng.integers(0, 256, (3, 1000, 3), dtype=np.uint8),
+        'boxes': np.asarray([[100, 0, 600, 3]], np.float32), 'labels': np.zeros(1, np.int32),
+        'is_crowd': np.zeros(1, bool), 'image_id': 7}
+  row = pipeline.preprocess(ex, min_size=128, max_size=128, image_size=128, max_boxes=2,
+                            flip=flip)
+  np.testing.assert_array_equal(row['image_hw'], [1, 128])
+  assert row['image'][1:].max() == 0 and row['image'][0].max() > 0
+  expected = [51.2, 0, 115.2, 0.384] if flip else [12.8, 0, 76.8, 0.384]  # Boxes * 0.128.
+  np.testing.assert_allclose(row['boxes'][0], expected, rtol=1e-6)
+
 def test_normalize_images_matches_oracle_and_zeros_padding():
   rng = np.random.default_rng(0)
   images = rng.integers(0, 256, (2, 8, 8, 3), dtype=np.uint8)

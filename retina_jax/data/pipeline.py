@@ -74,6 +74,12 @@ def resize_scale(h: int, w: int, min_size: int, max_size: int, image_size: int) 
   return min(scale, max_size / max(h, w), image_size / max(h, w))
 
 
+def resized_hw(h: int, w: int, scale: float, image_size: int) -> tuple[int, int]:
+  """(h, w) of the resized image: each side round(side * scale), at least 1 pixel (a 3 x 1000
+  image into a 128 bucket would otherwise be 0 pixels high) and at most the bucket."""
+  return (min(image_size, max(1, round(h * scale))), min(image_size, max(1, round(w * scale))))
+
+
 def preprocess(example: dict, *, min_size: int, max_size: int, image_size: int, max_boxes: int,
                flip: bool, image_out: np.ndarray | None = None) -> dict[str, Any]:
   """One source example -> one row of the host batch (see the module docstring for layouts).
@@ -87,7 +93,7 @@ def preprocess(example: dict, *, min_size: int, max_size: int, image_size: int, 
   image = example['image']
   h, w = image.shape[:2]
   scale = resize_scale(h, w, min_size, max_size, image_size)
-  nh, nw = min(image_size, round(h * scale)), min(image_size, round(w * scale))
+  nh, nw = resized_hw(h, w, scale, image_size)
   if (nh, nw) != (h, w):
     image = np.asarray(Image.fromarray(image).resize((nw, nh), Image.BILINEAR))
   boxes = example['boxes'].astype(np.float32) * np.float32(scale)

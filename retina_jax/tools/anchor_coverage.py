@@ -52,8 +52,7 @@ def resized_boxes(coco_gt: dict, data_cfg) -> tuple[np.ndarray, np.ndarray]:
     h, w = hw[ann['image_id']]
     scale = pipeline.resize_scale(h, w, data_cfg.min_size, data_cfg.max_size,
                                   data_cfg.image_size)
-    nh = min(data_cfg.image_size, round(h * scale))
-    nw = min(data_cfg.image_size, round(w * scale))
+    nh, nw = pipeline.resized_hw(h, w, scale, data_cfg.image_size)
     x, y, bw, bh = ann['bbox']
     box = np.asarray([x, y, x + bw, y + bh], np.float32) * np.float32(scale)
     boxes.append(np.clip(box, 0, np.asarray([nw, nh, nw, nh], np.float32)))
