@@ -156,6 +156,7 @@ def test_bad_annotation_files(tmp_path):
     ({'bbox': [1, 2, 'x', 4]}, 'malformed bbox'),
     ({'bbox': [1, 2, float('nan'), 4]}, 'malformed bbox'),
     ({'category_id': 5}, 'category id 5'),
+    ({'category_id': '7'}, "category id '7'"),  # A string looks like a known id unquoted.
 ])
 def test_malformed_annotations_stop_naming_the_annotation(tmp_path, bad, match):
   ann = {**_ann(1, 1, [1, 1, 5, 5]), **bad}
@@ -172,3 +173,12 @@ def test_malformed_image_entries(tmp_path):
   with pytest.raises(ValueError, match='image id 1 appears twice'):
     CocoFormatSource(write_coco(tmp_path, data, [], images=[
         {'id': 1, 'file_name': 'a.jpg', 'width': W, 'height': H}] * 2), 'train')
+
+
+@pytest.mark.parametrize('bad_id', ['abc', '1', 1.5, None])
+def test_non_integer_image_id_names_the_file_and_entry(tmp_path, bad_id):
+  root = write_coco(tmp_path, {'a.jpg': _encode(Image.fromarray(_rgb()), 'JPEG')}, [], images=[
+      {'id': bad_id, 'file_name': 'a.jpg', 'width': W, 'height': H}])
+  with pytest.raises(ValueError, match=r"instances_train.json: images\[0\] \(a.jpg\) has id .*"
+                                       r"must be integers"):
+    CocoFormatSource(root, 'train')

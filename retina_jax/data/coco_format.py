@@ -7,7 +7,7 @@ once) or stops construction with a message naming the file and the image or anno
 | problem | what happens |
 |---|---|
 | annotation file missing, not JSON, no `images`/`categories` | error naming the file |
-| image entry without id / file_name / positive width, height; duplicate image id | error |
+| image entry without integer id / file_name / positive width, height; duplicate id | error |
 | annotation with a malformed bbox (not 4 finite numbers) or an unknown category id | error |
 | annotation for an image id that is not in `images` | dropped, counted |
 | bbox with width or height <= 0 | dropped, counted |
@@ -88,8 +88,13 @@ def _load_json(path: str) -> dict:
   return data
 
 
+def _integer(v) -> bool:
+  return (isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+          and v == int(v))
+
+
 def _positive_int(v) -> bool:
-  return isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 and v == int(v)
+  return _integer(v) and v > 0
 
 
 class CocoFormatSource:
@@ -128,6 +133,9 @@ class CocoFormatSource:
         raise ValueError(f'{self.ann_file}: image id {im["id"]} ({im["file_name"]}) needs '
                          f'positive integer width and height, got {im.get("width")}, '
                          f'{im.get("height")}.')
+      if not _integer(im['id']):
+        raise ValueError(f'{self.ann_file}: images[{k}] ({im["file_name"]}) has id {im["id"]!r}; '
+                         f'image ids must be integers (COCO results files carry them as such).')
       if im['id'] in seen:
         raise ValueError(f'{self.ann_file}: image id {im["id"]} appears twice.')
       seen.add(im['id'])
@@ -154,7 +162,7 @@ class CocoFormatSource:
                          f'has a malformed bbox {bbox!r}; expected [x, y, width, height].')
       if ann['category_id'] not in known_cats:
         raise ValueError(f'{self.ann_file}: annotation {ann_id} (image id {ann["image_id"]}) '
-                         f'has category id {ann["category_id"]}, not in categories '
+                         f'has category id {ann["category_id"]!r}, not in categories '
                          f'{self.categories.ids}.')
       k_img = index.get(ann['image_id'])
       if k_img is None:
