@@ -129,6 +129,22 @@ def test_corrupt_truncated_and_resized_images_fail_with_path_and_id(tmp_path):
     assert e.value.image_id == k + 1 and e.value.path.endswith(name)
 
 
+
+def test_size_mismatch_says_what_to_do_and_spots_exif_rotation(tmp_path):
+  # Phone photos: stored W x H with EXIF orientation 6, annotated as displayed (H x W).
+  image = Image.fromarray(np.zeros((W, H, 3), np.uint8))  # Stored 40 high, 30 wide.
+  exif = image.getexif()
+  exif[0x0112] = 6
+  rotated = _encode(image, 'JPEG', exif=exif.tobytes())
+  plain = _encode(Image.fromarray(np.zeros((H + 2, W, 3), np.uint8)), 'JPEG')
+  src = CocoFormatSource(write_coco(tmp_path, {'phone.jpg': rotated, 'other.jpg': plain}, []),
+                         'train')
+  with pytest.raises(BadImageError, match=r'phone\.jpg.*image id 1.*EXIF orientation 6.*'
+                                          r'exif_transpose'):
+    src[0]
+  with pytest.raises(BadImageError, match=r'other\.jpg.*image id 2.*Correct width/height'):
+    src[1]
+
 def test_missing_image_file_stops_at_start_up_or_is_dropped(tmp_path):
   files = {'here.jpg': _encode(Image.fromarray(_rgb()), 'JPEG'), 'gone.jpg': None}
   root = write_coco(tmp_path, files, [_ann(1, 2, [1, 1, 5, 5])])

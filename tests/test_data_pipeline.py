@@ -203,8 +203,9 @@ def test_unreadable_image_fails_or_is_skipped(shapes_root, tmp_path):
   cfg = _config(str(root))
   src = pipeline.create_source(cfg, 'train')
   loader = pipeline.TrainLoader(src, cfg, NUM_TRAIN, seed=0, process_index=0, process_count=1)
-  with pytest.raises(BadImageError, match=rf'{victim.name}.*image id 1\b'):
+  with pytest.raises(BadImageError, match=rf'{victim.name}.*image id 1\b') as e:
     next(loader.iterate(0))
+  assert 'config.data.skip_bad_images=True' in ' '.join(e.value.__notes__)  # What to do.
   cfg = _config(str(root), skip_bad_images=True)
   batch = pipeline.TrainLoader(src, cfg, NUM_TRAIN, seed=0, process_index=0,
                                process_count=1).batch(0)

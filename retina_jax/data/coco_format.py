@@ -227,9 +227,9 @@ class CocoFormatSource:
     path = os.path.join(self.image_dir, self.file_names[i])
     image_id = int(self.image_ids[i])
     image = decode_image(path, path, image_id)
-    if image.shape[:2] != tuple(self.original_hw[i]):
-      raise BadImageError(path, image_id, f'decoded size (h, w) {image.shape[:2]} differs from '
-                          f'the annotation file\'s {tuple(int(v) for v in self.original_hw[i])}')
+    file_hw = tuple(int(v) for v in self.original_hw[i])
+    if image.shape[:2] != file_hw:
+      raise BadImageError(path, image_id, _size_mismatch(path, image.shape[:2], file_hw))
     return {'image': image, 'boxes': self._boxes[i], 'labels': self._labels[i],
             'is_crowd': self._crowd[i], 'image_id': image_id, 'path': path}
 
@@ -254,6 +254,23 @@ class CocoFormatSource:
             'area': float(self._area[k][j]), 'iscrowd': int(self._crowd[k][j])})
     return {'images': images, 'annotations': annotations,
             'categories': self.categories.to_coco_categories()}
+
+
+def _size_mismatch(path: str, decoded_hw: tuple[int, int], file_hw: tuple[int, int]) -> str:
+  """Why a decoded image does not fit its annotation entry, and what to do about it."""
+  reason = f'decoded size (h, w) {decoded_hw} differs from the annotation file\'s {file_hw}'
+  try:
+    with Image.open(path) as im:
+      orientation = im.getexif().get(0x0112, 1)  # EXIF Orientation.
+  except OSError:
+    orientation = 1
+  if orientation in (5, 6, 7, 8) and tuple(decoded_hw[::-1]) == file_hw:
+    return (f'{reason}: its EXIF orientation {orientation} turns it by 90 degrees, so the '
+            'annotations describe the displayed image, while images are read in their stored '
+            'pixel layout (as COCO\'s are). Write the images with the rotation applied '
+            '(PIL.ImageOps.exif_transpose) and the annotations fit.')
+  return (f'{reason}. Correct width/height (and the boxes) in the annotation file or replace '
+          'the image.')
 
 
 def _checked_categories(data: dict, path: str) -> list[dict]:

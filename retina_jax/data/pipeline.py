@@ -218,6 +218,7 @@ class _Batcher:
       example = self.source[index]
     except BadImageError as e:
       if not self.skip_bad_images:
+        e.add_note('Set config.data.skip_bad_images=True to go on without unreadable images.')
         raise
       logging.warning('Skipping (config.data.skip_bad_images): %s', e)
       batch['image_id'][r] = e.image_id  # The row stays blank, example_valid False.
