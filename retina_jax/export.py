@@ -71,20 +71,29 @@ def load_params(path: str) -> dict:
 
 
 def load_categories(directory: str) -> CategoryMap | None:
-  """The CategoryMap saved as categories.json in a directory, None when there is none."""
+  """The CategoryMap saved in a directory: its categories.json (an export), else the
+  `categories` that training stored in its config.json (a workdir); None when neither has one."""
   path = os.path.join(directory, CATEGORIES_FILE)
-  if not os.path.exists(path):
-    return None
-  with open(path) as f:
-    return CategoryMap.from_json(f.read())
+  if os.path.exists(path):
+    with open(path) as f:
+      return CategoryMap.from_json(f.read())
+  path = os.path.join(directory, saved_config.CONFIG_JSON)
+  if os.path.exists(path):
+    with open(path) as f:
+      stored = json.load(f).get('categories')
+    if stored:
+      return CategoryMap.from_json(stored)
+  return None
 
 
 def resolve_categories(config, *directories: str, source=None) -> CategoryMap:
   """The label <-> category id map a model was trained with.
 
   In order: `config.categories` (the JSON training stores in its config, or an experiment's own
-  map such as torchvision's 91 ids), categories.json in the first directory that has one, the
-  categories of `source`, the categories of the config's eval split.
+  map such as torchvision's 91 ids), the map saved in the first directory that has one
+  (`load_categories`: an export's categories.json or a workdir's config.json, so that a
+  `--config experiments/...` given to evaluate or export still labels with the training
+  data's ids), the categories of `source`, the categories of the config's eval split.
   """
   if config.get('categories'):
     return CategoryMap.from_json(config.categories)

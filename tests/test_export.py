@@ -183,3 +183,15 @@ def test_exported_detector_on_gpu_matches_cpu(tmp_path):
   # Sorted scores and the best box per image: robust to the order of near-ties in NMS.
   np.testing.assert_allclose(np.sort(gpu['scores'], 1), np.sort(cpu['scores'], 1), atol=1e-3)
   np.testing.assert_allclose(gpu['boxes'][:, 0], cpu['boxes'][:, 0], atol=0.1)
+
+
+def test_categories_come_from_the_workdir_when_the_config_file_has_none(tmp_path):
+  # `export --config experiments/<file>.py --workdir DIR`: the experiment file has no map, DIR's
+  # config.json has the training data's; the eval split of the experiment's data set must not
+  # be asked (it may be another data set with as many classes).
+  stored = tiny_detector.tiny_config()
+  stored.categories = tiny_detector.CATEGORIES.to_json()
+  (tmp_path / 'config.json').write_text(stored.to_json_best_effort())
+  config = tiny_detector.tiny_config()
+  config.data.name = 'no_such_data_set'
+  assert export_lib.resolve_categories(config, str(tmp_path)) == tiny_detector.CATEGORIES
