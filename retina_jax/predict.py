@@ -26,6 +26,7 @@ from absl import app
 from absl import flags
 import numpy as np
 from ml_collections import config_flags
+from PIL import Image
 
 from retina_jax import export as export_lib
 from retina_jax import inference
@@ -86,6 +87,18 @@ def draw(image: np.ndarray, detections: list[dict], categories: CategoryMap, thr
                                    score_threshold=threshold)
 
 
+def output_problem(out: str, json_path: str) -> str:
+  """Why --out or --json cannot be written ('' when they can); checked before the detector runs,
+  so that a typo in an output path costs no compute and no traceback."""
+  for flag, path in (('--out', out), ('--json', json_path)):
+    if path and not os.path.isdir(os.path.dirname(os.path.abspath(path))):
+      return f'{flag}={path}: the folder {os.path.dirname(os.path.abspath(path))} does not exist'
+  ext = os.path.splitext(out)[1].lower()
+  if out and ext not in Image.registered_extensions():
+    return f'--out={out}: {ext or "no extension"} is not a picture format; use .png or .jpg'
+  return ''
+
+
 def _define_flags():
   """Flags exist only when this module is the program, so importing it defines none."""
   return {
@@ -106,6 +119,8 @@ def main(fl, argv):
   params, image_path = fl['params'].value, fl['image'].value
   if not params or not image_path:
     raise app.UsageError('--params and --image are required.')
+  if problem := output_problem(fl['out'].value, fl['json'].value):
+    sys.exit(f'predict: {problem}')
   config = fl['config'].value
   params_dir = params if os.path.isdir(params) else os.path.dirname(params)
   variables = export_lib.load_params(params)

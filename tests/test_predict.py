@@ -115,3 +115,13 @@ def test_cli_writes_every_detection_and_a_picture_and_names_a_broken_image(detec
   assert proc.returncode != 0
   assert 'broken.jpg' in proc.stderr and 'Traceback' not in proc.stderr, proc.stderr[-2000:]
   assert 'image id' not in proc.stderr
+
+
+def test_output_paths_are_checked_before_the_detector_runs(tmp_path):
+  assert predict_lib.output_problem(str(tmp_path / 'a.png'), str(tmp_path / 'a.json')) == ''
+  assert predict_lib.output_problem('', '') == ''
+  assert predict_lib.output_problem(str(tmp_path / 'a.JPG'), '') == ''
+  assert 'does not exist' in predict_lib.output_problem('', str(tmp_path / 'no' / 'a.json'))
+  assert 'does not exist' in predict_lib.output_problem(str(tmp_path / 'no' / 'a.png'), '')
+  problem = predict_lib.output_problem(str(tmp_path / 'a.xyz'), '')
+  assert problem.startswith('--out=') and '.xyz is not a picture format' in problem
