@@ -109,6 +109,18 @@ def test_empty_results_give_zeros():
   assert metrics['per_class_AP'] == {'toothbrush': 0.0, 'car': 0.0, 'cat': 0.0, 'bottle': -1.0}
 
 
+
+def test_categories_sharing_a_name_keep_one_per_class_ap_each():
+  # Exports from labelling tools repeat names (a supercategory named like its class, or two
+  # 'car' classes); keyed by name alone, one class's AP silently overwrote the other's.
+  gt = _gt_dict()
+  gt['categories'] = [dict(c, name='car') if c['id'] == 17 else c for c in _CATEGORIES]
+  results = coco_eval.to_coco_results(_gt_as_detections(gt), _LABEL_TO_CAT)
+  per_class = coco_eval.evaluate_detections(gt, results)['per_class_AP']
+  assert per_class == {'car (id 3)': pytest.approx(1.0), 'car (id 17)': pytest.approx(1.0),
+                       'bottle': -1.0, 'toothbrush': pytest.approx(1.0)}
+  assert set(coco_eval.evaluate_detections(gt, [])['per_class_AP']) == set(per_class)
+
 def test_unknown_image_id_is_an_error():
   with pytest.raises(ValueError, match='not in the ground truth'):
     coco_eval.evaluate_detections(

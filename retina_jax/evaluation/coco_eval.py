@@ -154,7 +154,8 @@ def evaluate_detections(coco_gt: Mapping[str, Any],
       original pixels.
     results: a COCO results list as from `to_coco_results`.
   Returns:
-    {'AP': ..., ..., 'ARl': ..., 'per_class_AP': {category name: AP}} as floats in [0, 1].
+    {'AP': ..., ..., 'ARl': ..., 'per_class_AP': {category name: AP}} as floats in [0, 1]; a
+    name that several categories share is keyed 'name (id N)'.
     A number with nothing to measure (e.g. APs without small objects, or a class without
     ground truth) is -1.0, pycocotools' own convention. Empty results give 0.0 for the 12
     numbers and per class (-1.0 for a class without ground truth) instead of pycocotools' crash.
@@ -183,20 +184,27 @@ def evaluate_detections(coco_gt: Mapping[str, Any],
   precision = coco_eval.eval['precision'][:, :, :, 0, -1]
   cat_index = {c: k for k, c in enumerate(coco_eval.params.catIds)}
   per_class = {}
-  for cat in cats:
+  for key, cat in zip(_class_keys(cats), cats):
     p = precision[:, :, cat_index[cat['id']]]
     p = p[p > -1]
-    per_class[cat.get('name', str(cat['id']))] = float(p.mean()) if p.size else -1.0
+    per_class[key] = float(p.mean()) if p.size else -1.0
   metrics['per_class_AP'] = per_class
   return metrics
+
+
+def _class_keys(cats: Sequence[Mapping[str, Any]]) -> list[str]:
+  """per_class_AP keys: the category names, with ' (id N)' added to a name that several
+  categories share, so that no class's AP overwrites another's."""
+  names = [str(c.get('name', c['id'])) for c in cats]
+  return [f'{n} (id {c["id"]})' if names.count(n) > 1 else n for n, c in zip(names, cats)]
 
 
 def _empty_metrics(gt, cats) -> dict[str, Any]:
   """Zeros (no detections found anything), -1 for classes without ground truth."""
   metrics = {name: 0.0 for name in METRIC_NAMES}
   with_gt = {a['category_id'] for a in gt.dataset['annotations'] if not a.get('iscrowd', 0)}
-  metrics['per_class_AP'] = {c.get('name', str(c['id'])): 0.0 if c['id'] in with_gt else -1.0
-                             for c in cats}
+  metrics['per_class_AP'] = {key: 0.0 if c['id'] in with_gt else -1.0
+                             for key, c in zip(_class_keys(cats), cats)}
   return metrics
 
 
