@@ -6,6 +6,8 @@ foreground count that normalises the loss is the global one, so the loss scale d
 the number of devices.
 """
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -46,6 +48,63 @@ def focal_loss(logits: jax.Array, targets: jax.Array, alpha: float,
   if isinstance(gamma, (int, float)) and gamma == 0:  # Cross entropy: skip the exp.
     return -alpha_t * log_p_t
   return -alpha_t * jnp.exp(gamma * log_not_p_t) * log_p_t
+
+
+def _focal_parts(logits, labels, alpha: float, gamma: float):
+  """Per element: the focal loss and its derivative by the logit, float32, from one exp and one
+  log1p (plus one exp for a fractional gamma): [..., K] logits, [...] int labels."""
+  x = logits.astype(jnp.float32)
+  positive = labels[..., None] == jnp.arange(x.shape[-1], dtype=labels.dtype)
+  z = jnp.where(positive, x, -x)  # p_t = sigmoid(z)
+  e = jnp.exp(-jnp.abs(z))
+  r = 1.0 / (1.0 + e)
+  p_t = jnp.where(z >= 0, r, e * r)
+  q = jnp.where(z >= 0, e * r, r)  # 1 - p_t, without cancellation.
+  log_p_t = -jnp.log1p(e) - jnp.maximum(-z, 0.0)
+  alpha_t = jnp.where(positive, alpha, 1.0 - alpha)
+  if gamma == 0:
+    weight = jnp.ones_like(q)
+  elif float(gamma).is_integer():
+    weight = q ** int(gamma)
+  else:  # exp(gamma * log(1 - p_t)) stays finite, with a finite derivative, where q underflows.
+    weight = jnp.exp(gamma * (log_p_t - z))
+  loss = -alpha_t * weight * log_p_t
+  # d/dz [-a (1 - p)^g log p] = a (1 - p)^g (g p log p - (1 - p)), and dz/dx = +-1.
+  dz = alpha_t * weight * (gamma * p_t * log_p_t - q)
+  return loss, jnp.where(positive, dz, -dz)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def focal_loss_sum(logits: jax.Array, labels: jax.Array, weights: jax.Array, alpha: float,
+                   gamma: float) -> jax.Array:
+  """sum(weights[..., None] * focal_loss(logits, one_hot(labels))), float32 scalar.
+
+  The classification loss of a train step in one pass over the [B, N, K] logits: no one-hot
+  targets in memory, and the gradient computed with the loss (a custom VJP), instead of
+  autodiff's chain of element-wise passes over the largest tensor of the step.
+
+  Args:
+    logits: [..., K] class logits, any float dtype.
+    labels: [...] int, the positive class of each row; any value outside [0, K) (e.g. -1) for
+      a row with no positive class (background).
+    weights: [...] float weight of each row (0 for ignored anchors); not differentiated.
+    alpha, gamma: as `focal_loss` (Python numbers).
+  """
+  return _focal_loss_sum_fwd(logits, labels, weights, alpha, gamma)[0]
+
+
+def _focal_loss_sum_fwd(logits, labels, weights, alpha, gamma):
+  loss, grad = _focal_parts(logits, labels, alpha, gamma)
+  w = weights.astype(jnp.float32)[..., None]
+  return jnp.sum(loss * w), (grad * w).astype(logits.dtype)
+
+
+def _focal_loss_sum_bwd(alpha, gamma, grad, g):
+  del alpha, gamma
+  return (g * grad).astype(grad.dtype), None, None
+
+
+focal_loss_sum.defvjp(_focal_loss_sum_fwd, _focal_loss_sum_bwd)
 
 
 def sigmoid_cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
@@ -166,14 +225,15 @@ def detection_loss(outputs: dict[str, jax.Array], batch: dict[str, jax.Array],
   foreground = state == 1
   considered = state >= 0
   matched_labels = jnp.take_along_axis(batch['labels'], matched, axis=1)
-  targets = jax.nn.one_hot(matched_labels, num_classes) * foreground[..., None]
   num_foreground = foreground.sum()
   normaliser = jnp.maximum(num_foreground, 1).astype(jnp.float32)
 
   if loss_cfg.kind == 'focal':
-    per_element = focal_loss(cls_logits, targets, loss_cfg.alpha, loss_cfg.gamma)
-    cls_loss = jnp.sum(per_element * considered[..., None]) / normaliser
+    labels = jnp.where(foreground, matched_labels, -1)
+    cls_loss = focal_loss_sum(cls_logits, labels, considered, float(loss_cfg.alpha),
+                              float(loss_cfg.gamma)) / normaliser
   elif loss_cfg.kind == 'ohem':
+    targets = jax.nn.one_hot(matched_labels, num_classes) * foreground[..., None]
     anchor_loss = sigmoid_cross_entropy(cls_logits, targets).sum(-1)
     selected = ohem_selection(jax.lax.stop_gradient(anchor_loss), foreground, considered,
                               anchors, loss_cfg)

@@ -89,6 +89,34 @@ def test_focal_loss_bf16_inputs_computed_in_float32(gamma):
                              rtol=1e-5, atol=1e-12)
 
 
+@pytest.mark.parametrize('gamma', GAMMAS)
+@pytest.mark.parametrize('dtype', (jnp.float32, jnp.bfloat16))
+def test_focal_loss_sum_and_its_gradient_equal_the_oracle(gamma, dtype):
+  """The train step's fused loss: value and hand-written VJP against the float64 oracle, with
+  background rows (label -1), ignored rows (weight 0), logits of +-100 and bf16 inputs."""
+  rng = np.random.default_rng(4)
+  x = rng.normal(scale=6, size=(3, 40, 5))
+  x[0, :9, 0] = [-100, -30, -5, -1e-3, 0, 1e-3, 5, 30, 100]
+  x = np.asarray(jnp.asarray(x, dtype).astype(jnp.float32))  # The values the loss sees.
+  labels = rng.integers(-1, 5, size=(3, 40)).astype(np.int32)
+  labels[0, :9] = 0
+  weights = (rng.uniform(size=(3, 40)) < 0.8).astype(np.float32)
+  t = np.eye(5)[np.maximum(labels, 0)] * (labels >= 0)[..., None]
+  value, grad = jax.value_and_grad(losses.focal_loss_sum)(jnp.asarray(x, dtype), labels,
+                                                         weights, 0.25, gamma)
+  assert grad.dtype == dtype and np.all(np.isfinite(np.asarray(grad, np.float32)))
+  want = (_focal_oracle(x, t, 0.25, gamma) * weights[..., None]).sum()
+  np.testing.assert_allclose(float(value), want, rtol=1e-5)
+  want_grad = _focal_grad_oracle(x, t, 0.25, gamma) * weights[..., None]
+  tol = dict(rtol=1e-4, atol=1e-30) if dtype == jnp.float32 else dict(rtol=1e-2, atol=1e-30)
+  np.testing.assert_allclose(np.asarray(grad, np.float32), want_grad, **tol)
+  # Scaling the loss scales the gradient (the VJP uses its cotangent).
+  grad3 = jax.grad(lambda v: 3 * losses.focal_loss_sum(v, labels, weights, 0.25, gamma))(
+      jnp.asarray(x, dtype))
+  np.testing.assert_allclose(np.asarray(grad3, np.float32), 3 * np.asarray(grad, np.float32),
+                             rtol=1e-2 if dtype == jnp.bfloat16 else 1e-6)
+
+
 def test_smooth_l1_and_l1():
   d = np.array([-1.0, -0.05, 0.0, 0.05, 0.11, 2.0], np.float32)
   beta = 0.11
