@@ -127,7 +127,11 @@ def evaluate_variables(config, variables, workdir: str, mesh=None, split: str = 
   dets = coco_eval.gather_and_dedupe(local)
   results = coco_eval.to_coco_results(dets, categories.ids)
   gt = source.coco_gt(config.data.max_eval_images)
-  metrics = coco_eval.evaluate_detections(gt, results)
+  skipped = len(gt['images']) - len(dets['image_id'])
+  if skipped:  # Unreadable images under config.data.skip_bad_images.
+    logging.warning('%d of the %d images of %r were skipped as unreadable and are left out of '
+                    'the metrics.', skipped, len(gt['images']), split)
+  metrics = coco_eval.evaluate_detections(gt, results, image_ids=dets['image_id'])
   logging.info('Evaluated %d images of %r: AP %.4f', len(dets['image_id']), split, metrics['AP'])
   if jax.process_index() == 0 and workdir:
     out = epath.Path(workdir)

@@ -1,6 +1,7 @@
 """COCO evaluation: ground truth fed back scores AP 1, empty results, de-duplication, gather."""
 
 import json
+import shutil
 import socket
 import subprocess
 import sys
@@ -120,6 +121,21 @@ def test_categories_sharing_a_name_keep_one_per_class_ap_each():
   assert per_class == {'car (id 3)': pytest.approx(1.0), 'car (id 17)': pytest.approx(1.0),
                        'bottle': -1.0, 'toothbrush': pytest.approx(1.0)}
   assert set(coco_eval.evaluate_detections(gt, [])['per_class_AP']) == set(per_class)
+
+def test_only_the_evaluated_images_count():
+  # Image 7 (three objects) was never seen by the detector, e.g. skipped as unreadable: with
+  # image_ids it is left out instead of counting as three misses.
+  gt = _gt_dict()
+  results = [r for r in coco_eval.to_coco_results(_gt_as_detections(gt), _LABEL_TO_CAT)
+             if r['image_id'] != 7]
+  seen = [im['id'] for im in gt['images'] if im['id'] != 7]
+  assert coco_eval.evaluate_detections(gt, results)['AR100'] < 1.0
+  assert coco_eval.evaluate_detections(gt, results, image_ids=seen)['AR100'] == pytest.approx(1.0)
+  with pytest.raises(ValueError, match='outside image_ids'):
+    coco_eval.evaluate_detections(gt, results, image_ids=seen[:1])
+  with pytest.raises(ValueError, match='not in the ground truth'):
+    coco_eval.evaluate_detections(gt, results, image_ids=seen + [999])
+
 
 def test_unknown_image_id_is_an_error():
   with pytest.raises(ValueError, match='not in the ground truth'):
@@ -256,6 +272,32 @@ def test_evaluate_variables_matches_single_image_prediction(coco_dir, tmp_path):
     np.testing.assert_allclose(got['bbox'], want['bbox'], atol=1e-2)
   assert coco_eval.evaluate_detections(gt, expected)['AP'] == pytest.approx(metrics['AP'],
                                                                             abs=1e-6)
+
+
+@pytest.mark.slow
+def test_skipped_unreadable_image_is_left_out_of_the_metrics(coco_dir, tmp_path, monkeypatch):
+  from retina_jax import evaluate as evaluate_lib  # pylint: disable=g-import-not-at-top
+  calls = []
+  real = coco_eval.evaluate_detections
+  monkeypatch.setattr(coco_eval, 'evaluate_detections',
+                      lambda gt, results, image_ids=None: calls.append(image_ids) or real(
+                          gt, results, image_ids))
+  src_root, gt = coco_dir
+  root = shutil.copytree(src_root, tmp_path / 'data')
+  victim = gt['images'][0]
+  path = root / 'val' / victim['file_name']
+  path.write_bytes(path.read_bytes()[:100])  # Truncated.
+  config = tiny_detector.coco_dir_config(str(root))
+  config.data.skip_bad_images = True
+  variables = tiny_detector.random_variables(config)
+  metrics = evaluate_lib.evaluate_variables(config, variables, str(tmp_path / 'out'))
+  results = json.loads((tmp_path / 'out' / 'detections_val.json').read_text())
+  assert victim['id'] not in {r['image_id'] for r in results}
+  seen = [im['id'] for im in gt['images'] if im['id'] != victim['id']]
+  assert len(calls) == 1 and sorted(calls[0]) == sorted(seen)  # Random weights: AP ~0 either way.
+  want = real(gt, results, image_ids=seen)
+  assert {n: metrics[n] for n in coco_eval.METRIC_NAMES} == {
+      n: want[n] for n in coco_eval.METRIC_NAMES}
 
 
 @pytest.mark.slow

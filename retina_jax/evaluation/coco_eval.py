@@ -145,14 +145,16 @@ def _coco_from_dict(gt: Mapping[str, Any]):
   return coco
 
 
-def evaluate_detections(coco_gt: Mapping[str, Any],
-                        results: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
-  """Runs pycocotools' bbox evaluation over every image of the GT dict.
+def evaluate_detections(coco_gt: Mapping[str, Any], results: Sequence[Mapping[str, Any]],
+                        image_ids: Sequence[int] | None = None) -> dict[str, Any]:
+  """Runs pycocotools' bbox evaluation over the images of the GT dict.
 
   Args:
     coco_gt: a COCO instances dict ('images', 'annotations', 'categories'); boxes xywh in
       original pixels.
     results: a COCO results list as from `to_coco_results`.
+    image_ids: the images that were evaluated (every GT image when None). An image the
+      detector never saw (e.g. skipped as unreadable) must not count as all misses.
   Returns:
     {'AP': ..., ..., 'ARl': ..., 'per_class_AP': {category name: AP}} as floats in [0, 1]; a
     name that several categories share is keyed 'name (id N)'.
@@ -168,6 +170,15 @@ def evaluate_detections(coco_gt: Mapping[str, Any],
     raise ValueError(f'{len(unknown)} result image ids are not in the ground truth, '
                      f'e.g. {sorted(unknown)[:5]}: detections and annotations come from '
                      'different splits.')
+  if image_ids is not None:
+    evaluated = {int(i) for i in image_ids}
+    if evaluated - known:
+      raise ValueError(f'Evaluated image ids not in the ground truth, e.g. '
+                       f'{sorted(evaluated - known)[:5]}.')
+    outside = {r['image_id'] for r in results} - evaluated
+    if outside:
+      raise ValueError(f'Results for images outside image_ids, e.g. {sorted(outside)[:5]}.')
+    known = evaluated
   cats = sorted(gt.dataset.get('categories', []), key=lambda c: c['id'])
   if not results:
     return _empty_metrics(gt, cats)
