@@ -402,7 +402,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
           eta = '?'
         timer_step, timer_start = step, now
         logger.write(step, summary)
-        logging.info('step %d/%d  loss %.4f (cls %.4f box %.4f)  fg %.1f  lr %.5f  %.1f img/s  '
+        logging.info('step %d/%d  loss %.4f (cls %.4f box %.4f)  fg %.1f  lr %.3g  %.1f img/s  '
                      'ETA %s', step, config.num_train_steps, summary['loss'],
                      summary['cls_loss'], summary['box_loss'], summary['num_foreground'],
                      summary['learning_rate'], summary.get('images_per_second', 0.0), eta)
