@@ -1,6 +1,7 @@
 """torchvision state dicts -> our variables {'params', 'batch_stats'}, stored as flax msgpack.
 
-Accepted inputs (a plain `torch.save(model.state_dict())`, with or without `num_batches_tracked`):
+Accepted inputs (a plain `torch.save(model.state_dict())`, with or without `num_batches_tracked`,
+or a training checkpoint holding one: see `load_torch_state_dict`):
 - a torchvision ResNet ImageNet classifier (resnet18/34/50/101): the backbone only; `fc.*` is
   reported as unused;
 - a torchvision `retinanet_resnet50_fpn` (v1) detector: backbone.body.*, backbone.fpn.*, head.*,
@@ -194,14 +195,44 @@ def _prune(tree):
   return {k: v for k, v in out.items() if not (isinstance(v, dict) and not v)}
 
 
+# Where training scripts nest the state dict in a checkpoint: torchvision's detection references
+# and detectron2 ('model'), Lightning and many others ('state_dict').
+_NESTED_KEYS = ('model', 'state_dict')
+
+
 def load_torch_state_dict(path: str) -> dict[str, np.ndarray]:
-  """A `torch.save`d state dict as numpy arrays (needs torch; nothing else here does)."""
+  """A `torch.save`d state dict as numpy arrays (needs torch; nothing else here does).
+
+  Besides a plain `torch.save(model.state_dict())`, takes a training checkpoint that nests it
+  under 'model' or 'state_dict' (torchvision's reference scripts save {'model', 'optimizer',
+  'lr_scheduler', 'args', 'epoch'}), and drops the 'module.' prefix that DistributedDataParallel
+  puts on every key. Loads with `weights_only=True` (no arbitrary code from the file; the
+  reference scripts' argparse.Namespace is allowed).
+  """
+  import argparse  # pylint: disable=g-import-not-at-top
+  import pickle  # pylint: disable=g-import-not-at-top
   import torch  # pylint: disable=g-import-not-at-top
 
-  obj = torch.load(path, map_location='cpu', weights_only=True)
-  if not isinstance(obj, Mapping) or not all(torch.is_tensor(v) for v in obj.values()):
-    raise ValueError(f'{path}: expected a plain torch.save(model.state_dict()), a mapping of '
-                     f'names to tensors; got {type(obj).__name__}.')
+  try:
+    with torch.serialization.safe_globals([argparse.Namespace]):
+      obj = torch.load(path, map_location='cpu', weights_only=True)
+  except FileNotFoundError:
+    raise ValueError(f'{path}: no such file.') from None
+  except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as e:
+    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    raise ValueError(f'{path}: not a state dict torch can load as weights only ({first}). '
+                     'Save the weights with torch.save(model.state_dict(), path).') from None
+  if isinstance(obj, Mapping) and not any(torch.is_tensor(v) for v in obj.values()):
+    nested = [k for k in _NESTED_KEYS if isinstance(obj.get(k), Mapping)]
+    if nested:
+      obj = obj[nested[0]]
+  if not isinstance(obj, Mapping) or not obj or not all(torch.is_tensor(v) for v in obj.values()):
+    what = (f'a mapping with keys {sorted(map(str, obj))[:8]}' if isinstance(obj, Mapping)
+            else type(obj).__name__)
+    raise ValueError(f'{path}: expected a state dict (names to tensors), or a checkpoint with '
+                     f'one under {" or ".join(map(repr, _NESTED_KEYS))}; got {what}.')
+  if all(k.startswith('module.') for k in obj):
+    obj = {k[len('module.'):]: v for k, v in obj.items()}
   return {k: v.detach().float().numpy() if v.is_floating_point() else v.numpy()
           for k, v in obj.items()}
 

@@ -2,8 +2,10 @@
 
   python scripts/convert_torchvision.py IN.pth OUT [--norm frozen_bn|bn] [--strict]
 
-IN is a plain `torch.save(model.state_dict())`. OUT is flax msgpack of {'params', 'batch_stats'}
-(`retina_jax.convert.load_variables` reads it without torch); point `config.init_from` at it.
+IN is a plain `torch.save(model.state_dict())`, or a training checkpoint that holds one under
+'model' or 'state_dict' (torchvision's reference scripts), 'module.' (DDP) prefixes allowed.
+OUT is flax msgpack of {'params', 'batch_stats'} (`retina_jax.convert.load_variables` reads it
+without torch); point `config.init_from` at it.
 Every missing and unexpected key is printed; --strict makes either an error.
 """
 
@@ -29,6 +31,10 @@ def main(argv=None) -> int:
 
   try:
     state_dict = convert.load_torch_state_dict(args.input)
+  except ValueError as e:  # The message names the file.
+    print(f'error: {e}', file=sys.stderr)
+    return 1
+  try:
     variables, report = convert.convert_state_dict(state_dict, norm=args.norm)
   except ValueError as e:
     print(f'error: {args.input}: {e}', file=sys.stderr)

@@ -167,6 +167,35 @@ def test_cli_writes_variables_that_load_without_torch(tmp_path, capsys):
   assert not (tmp_path / 'strict.msgpack').exists()
 
 
+def test_training_checkpoints_and_bad_files(tmp_path, capsys):
+  """torchvision's reference scripts save {'model', 'optimizer', 'args', 'epoch'}; DDP prefixes
+  every key with 'module.'; anything else is one clear line from the CLI."""
+  import argparse  # pylint: disable=g-import-not-at-top
+  sd = torchvision.models.resnet18(weights=None).state_dict()
+  want = {k: v.float().numpy() if v.is_floating_point() else v.numpy() for k, v in sd.items()}
+  ckpt = tmp_path / 'checkpoint.pth'
+  torch.save({'model': {f'module.{k}': v for k, v in sd.items()},
+              'optimizer': {'state': {}, 'param_groups': [{'lr': 0.01}]},
+              'args': argparse.Namespace(lr=0.01, epochs=26), 'epoch': 3}, ckpt)
+  got = convert.load_torch_state_dict(str(ckpt))
+  assert sorted(got) == sorted(want)
+  jax.tree_util.tree_map(np.testing.assert_array_equal, got, want)
+  torch.save({'state_dict': sd}, tmp_path / 'lightning.ckpt')
+  assert sorted(convert.load_torch_state_dict(str(tmp_path / 'lightning.ckpt'))) == sorted(want)
+
+  spec = importlib.util.spec_from_file_location('convert_torchvision', _SCRIPT)
+  script = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(script)
+  torch.save(torch.nn.Linear(2, 2), tmp_path / 'whole_model.pth')  # A pickled module.
+  torch.save({'epoch': 3, 'optimizer': {}}, tmp_path / 'no_weights.pth')
+  (tmp_path / 'text.pth').write_text('not a checkpoint')
+  for name, why in [('whole_model.pth', 'weights only'), ('no_weights.pth', 'expected a state'),
+                    ('text.pth', 'weights only'), ('absent.pth', 'no such file')]:
+    assert script.main([str(tmp_path / name), str(tmp_path / 'out.msgpack')]) == 1, name
+    err = capsys.readouterr().err
+    assert err.count('\n') == 1 and name in err and why in err, err
+
+
 def test_restore_into_model_variables():
   sd = numpy_state_dict(torchvision.models.resnet18(weights=None))
   loaded, _ = convert.convert_state_dict(sd)
