@@ -106,6 +106,10 @@ def get_base_config() -> ml_collections.ConfigDict:
   # (1408 holds 1333) tile P7 exactly, as SPEC section 5 suggests.
   config.data.image_size = 1408
   config.data.max_boxes = 100  # Ground-truth slots per image; extra objects are dropped, counted.
+  # Evaluation / prediction canvas: 'orientation' pads landscape and portrait images into the
+  # smallest canvases the resize rule fills (800x1344 and 1344x800 for 800 / 1333), 'square'
+  # into image_size x image_size as training does. Same resize either way.
+  config.data.eval_buckets = 'orientation'
   config.data.random_flip = True
   config.data.num_workers = 4  # Host threads decoding images.
   config.data.pixel_mean = (0.485 * 255, 0.456 * 255, 0.406 * 255)

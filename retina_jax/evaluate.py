@@ -53,8 +53,12 @@ def _sharded_detect(config, mesh):
   return _DETECT_CACHE[key]
 
 
-def run_detector(config, variables, source, categories, mesh, num_pictures: int = 0):
+def run_detector(config, variables, source, categories, mesh, num_pictures: int = 0,
+                 image_hw=None):
   """Detections of this host's share of the eval images.
+
+  image_hw: original (h, w) of the eval images, which picks each one's canvas
+  (`pipeline.eval_canvas`); every batch is S x S without it.
 
   Returns:
     (arrays, pictures): arrays as `coco_eval.DetectionAccumulator.arrays` with boxes in
@@ -85,7 +89,8 @@ def run_detector(config, variables, source, categories, mesh, num_pictures: int 
   # One batch in flight: the device runs batch b while the host collects batch b - 1.
   in_flight = None
   for host_batch in pipeline.eval_batches(source, config.data, config.eval_batch_size,
-                                          num_images=config.data.max_eval_images):
+                                          num_images=config.data.max_eval_images,
+                                          image_hw=image_hw):
     if host_batch['image'].shape[0] != local_batch:
       raise ValueError(f'Eval batch of {host_batch["image"].shape[0]} images on this host; '
                        f'expected {local_batch} (config.eval_batch_size / hosts).')
@@ -123,10 +128,12 @@ def evaluate_variables(config, variables, workdir: str, mesh=None, split: str = 
     raise ValueError(f'The category map has {categories.num_classes} categories but '
                      f'config.model.num_classes={config.model.num_classes}.')
   num_pictures = int(config.get('num_demo_pictures', 0))
-  local, pictures = run_detector(config, variables, source, categories, mesh, num_pictures)
+  gt = source.coco_gt(config.data.max_eval_images)
+  image_hw = [(im['height'], im['width']) for im in gt['images']]
+  local, pictures = run_detector(config, variables, source, categories, mesh, num_pictures,
+                                 image_hw=image_hw)
   dets = coco_eval.gather_and_dedupe(local)
   results = coco_eval.to_coco_results(dets, categories.ids)
-  gt = source.coco_gt(config.data.max_eval_images)
   skipped = len(gt['images']) - len(dets['image_id'])
   if skipped:  # Unreadable images under config.data.skip_bad_images.
     logging.warning('%d of the %d images of %r were skipped as unreadable and are left out of '

@@ -47,7 +47,7 @@ def predict(config, variables, image: np.ndarray, categories: CategoryMap,
   """All final detections of one image, best first.
 
   Args:
-    config: the full config (bucket size, resize rule, model, post-processing).
+    config: the full config (resize rule, canvas as in evaluation, model, post-processing).
     variables: {'params', 'batch_stats'}.
     image: uint8 [H, W, 3] RGB.
     categories: maps the model's labels to category ids and names.
@@ -63,7 +63,8 @@ def predict(config, variables, image: np.ndarray, categories: CategoryMap,
              'image_id': -1}
   row = pipeline.preprocess(example, min_size=config.data.min_size,
                             max_size=config.data.max_size, image_size=config.data.image_size,
-                            max_boxes=1, flip=False)
+                            max_boxes=1, flip=False,
+                            canvas=pipeline.eval_canvas(config.data, *image.shape[:2]))
   dets = detect(variables, row['image'][None], row['image_hw'][None])
   dets = inference.to_original_coords(dets, row['scale'][None], row['orig_hw'][None])
   keep = np.flatnonzero(dets['valid'][0])

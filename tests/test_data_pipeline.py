@@ -195,6 +195,64 @@ def test_eval_sees_every_image_once_across_hosts(shapes_root, num_images):
   assert sorted(im['id'] for im in gt['images']) == sorted(ids.tolist())
 
 
+def test_eval_canvas_holds_every_resized_image():
+  cfg = config_lib.get_base_config().data  # COCO's 800 / 1333 in a 1408 bucket.
+  assert pipeline.eval_canvas(cfg, 480, 640) == (800, 1344)  # torchvision's canvas too.
+  assert pipeline.eval_canvas(cfg, 640, 480) == (1344, 800)
+  assert pipeline.eval_canvas(cfg, 500, 500) == (800, 1344)
+  cfg.eval_buckets = 'square'
+  assert pipeline.eval_canvas(cfg, 640, 480) == (1408, 1408)
+  cfg.eval_buckets = 'round'
+  with pytest.raises(ValueError, match='eval_buckets'):
+    pipeline.eval_canvas(cfg, 640, 480)
+  rng = np.random.default_rng(0)
+  for _ in range(500):
+    cfg = config_lib.get_base_config().data
+    cfg.min_size, cfg.max_size = (int(v) for v in rng.integers(16, 1500, 2))
+    cfg.image_size = 32 * int(rng.integers(1, 50))
+    h, w = (int(v) for v in np.exp(rng.uniform(0, 8, 2)).round() + 1)
+    scale = pipeline.resize_scale(h, w, cfg.min_size, cfg.max_size, cfg.image_size)
+    nh, nw = pipeline.resized_hw(h, w, scale, cfg.image_size)
+    ch, cw = pipeline.eval_canvas(cfg, h, w)
+    assert nh <= ch <= cfg.image_size and nw <= cw <= cfg.image_size, (cfg, h, w)
+    assert ch % 32 == 0 and cw % 32 == 0
+
+
+def test_eval_plan_groups_by_canvas_in_source_order():
+  cfg = config_lib.get_base_config().data
+  hw = [(480, 640), (640, 480), (480, 640), (427, 640), (640, 427), (500, 500), (480, 640)]
+  plan = pipeline.eval_plan(cfg, 2, hw)
+  assert [(c, m.tolist()) for c, m in plan] == [
+      ((800, 1344), [0, 2]), ((800, 1344), [3, 5]), ((800, 1344), [6]),
+      ((1344, 800), [1, 4])]
+
+
+def test_eval_batches_in_orientation_canvases_across_hosts(shapes_root):
+  cfg = _config(shapes_root, min_size=64, max_size=128, image_size=128)
+  src = pipeline.create_source(cfg, 'validation')
+  hw = src.original_hw
+  per_host = [list(pipeline.eval_batches(src, cfg, 4, process_index=i, process_count=2,
+                                         image_hw=hw)) for i in range(2)]
+  assert len(per_host[0]) == len(per_host[1]) == len(pipeline.eval_plan(cfg, 4, hw))
+  index = {int(i): k for k, i in enumerate(src.image_ids)}
+  seen = []
+  for b0, b1 in zip(*per_host):
+    assert b0['image'].shape == b1['image'].shape  # One canvas per global batch.
+    for b in (b0, b1):
+      for r in np.flatnonzero(b['example_valid']):
+        h, w = hw[index[int(b['image_id'][r])]]
+        assert b['image'].shape[1:3] == pipeline.eval_canvas(cfg, h, w)
+        assert (b['image_hw'][r] <= b['image'].shape[1:3]).all()
+        seen.append(int(b['image_id'][r]))
+  assert sorted(seen) == sorted(src.image_ids.tolist())
+  assert {b['image'].shape[1:3] for b in per_host[0]} == {(64, 128), (128, 64)}
+  # Without sizes, or with 'square', the batches are the S x S bucket, in source order.
+  cfg.eval_buckets = 'square'
+  (first, *_) = pipeline.eval_batches(src, cfg, 4, process_index=0, process_count=1, image_hw=hw)
+  assert first['image'].shape == (4, 128, 128, 3)
+  np.testing.assert_array_equal(first['image_id'], src.image_ids[:4])
+
+
 def test_unreadable_image_fails_or_is_skipped(shapes_root, tmp_path):
   root = shutil.copytree(shapes_root, tmp_path / 'copy')
   data_dir = next(p for p in root.iterdir() if p.name.startswith('shapes-'))

@@ -238,12 +238,15 @@ def coco_dir(tmp_path_factory):
 
 
 @pytest.mark.slow
-def test_evaluate_variables_matches_single_image_prediction(coco_dir, tmp_path):
+@pytest.mark.parametrize('sizes', [None, (64, 128, 160)])
+def test_evaluate_variables_matches_single_image_prediction(coco_dir, tmp_path, sizes):
   from retina_jax import evaluate as evaluate_lib  # pylint: disable=g-import-not-at-top
   from retina_jax import inference  # pylint: disable=g-import-not-at-top
   from retina_jax import predict as predict_lib  # pylint: disable=g-import-not-at-top
   root, gt = coco_dir
   config = tiny_detector.coco_dir_config(root)
+  if sizes:  # Landscape and portrait canvases differ (64 x 128 and 128 x 64, not 160 x 160).
+    config.data.min_size, config.data.max_size, config.data.image_size = sizes
   config.num_demo_pictures = 2
   variables = tiny_detector.random_variables(config)
   # 6 images, global batch 4 over the 4 fake devices: the second batch has 2 padding rows.

@@ -3,6 +3,7 @@
 Host batch (numpy; this host's rows of the global batch; the lead's sharding code assembles the
 global jax.Array):
   'image'         uint8   [B, S, S, 3] RGB, the resized image at the top left, 0 elsewhere
+                          (evaluation: [B, Hc, Wc, 3], one canvas per batch, `eval_canvas`)
   'image_hw'      int32   [B, 2] (h, w) of the valid resized region
   'boxes'         float32 [B, G, 4] (x1, y1, x2, y2) in resized pixels (0 where padded)
   'labels'        int32   [B, G] contiguous labels (0 where padded)
@@ -80,15 +81,49 @@ def resized_hw(h: int, w: int, scale: float, image_size: int) -> tuple[int, int]
   return (min(image_size, max(1, round(h * scale))), min(image_size, max(1, round(w * scale))))
 
 
+EVAL_BUCKETS = ('orientation', 'square')
+
+
+def _ceil_multiple(x: int, m: int = anchors_lib.SIZE_MULTIPLE) -> int:
+  return -(-int(x) // m) * m
+
+
+def eval_canvas(data_config, h: int, w: int) -> tuple[int, int]:
+  """(height, width) of the padded canvas an original h x w image is evaluated (or predicted) in.
+
+  The resize is the same either way (`resize_scale`); only the zero padding around it differs.
+  config.data.eval_buckets:
+    'square': S x S, S = config.data.image_size, the training bucket.
+    'orientation' (default): the smallest canvases the resize rule can fill, one for landscape
+      (w >= h) and one for portrait images: resized sides are at most min(min_size, max_size, S)
+      and min(max_size, S), rounded up to multiples of 32. COCO's 800 / 1333 in a 1408 bucket
+      gives 800 x 1344 and 1344 x 800: 46% fewer pixels than 1408 x 1408, the same two static
+      shapes for every batch (two compilations), and torchvision's own canvas for a 800 x 1333
+      image.
+  """
+  buckets = data_config.get('eval_buckets', 'orientation')
+  s = int(data_config.image_size)
+  if buckets == 'square':
+    return s, s
+  if buckets != 'orientation':
+    raise ValueError(f'config.data.eval_buckets must be one of {EVAL_BUCKETS}, got {buckets!r}.')
+  long_side = min(int(data_config.max_size), s)
+  short_side = min(int(data_config.min_size), long_side)
+  short_side, long_side = _ceil_multiple(short_side), _ceil_multiple(long_side)
+  return (short_side, long_side) if w >= h else (long_side, short_side)
+
+
 def preprocess(example: dict, *, min_size: int, max_size: int, image_size: int, max_boxes: int,
-               flip: bool, image_out: np.ndarray | None = None) -> dict[str, Any]:
+               flip: bool, image_out: np.ndarray | None = None,
+               canvas: tuple[int, int] | None = None) -> dict[str, Any]:
   """One source example -> one row of the host batch (see the module docstring for layouts).
 
   example: 'image' uint8 [H, W, 3]; 'boxes' float32 [n, 4] (x1, y1, x2, y2) original pixels;
   'labels' int32 [n]; 'is_crowd' bool [n]; 'image_id' int. Objects beyond max_boxes are dropped,
   crowd regions first (they only ever cause ignored anchors), then the last ones in file order.
-  image_out: optional all-zero uint8 [S, S, 3] to write the padded image into (a row of the
+  image_out: optional all-zero uint8 [Hc, Wc, 3] to write the padded image into (a row of the
   batch array, which saves copying megabytes per image at 800 px).
+  canvas: (Hc, Wc) of the padded image; (S, S) when None. Must hold the resized image.
   """
   image = example['image']
   h, w = image.shape[:2]
@@ -109,7 +144,11 @@ def preprocess(example: dict, *, min_size: int, max_size: int, image_size: int, 
   labels[:n] = example['labels'][order]
   crowd = np.zeros((max_boxes,), bool)
   crowd[:n] = example['is_crowd'][order]
-  padded = np.zeros((image_size, image_size, 3), np.uint8) if image_out is None else image_out
+  canvas = (image_size, image_size) if canvas is None else tuple(canvas)
+  if nh > canvas[0] or nw > canvas[1]:
+    raise ValueError(f'Image id {example["image_id"]}: resized to {nh}x{nw}, larger than the '
+                     f'{canvas[0]}x{canvas[1]} canvas.')
+  padded = np.zeros((*canvas, 3), np.uint8) if image_out is None else image_out
   padded[:nh, :nw] = image
   return {
       'image': padded, 'image_hw': np.asarray([nh, nw], np.int32), 'boxes': out_boxes,
@@ -118,11 +157,11 @@ def preprocess(example: dict, *, min_size: int, max_size: int, image_size: int, 
       'scale': np.float32(scale), 'example_valid': np.bool_(True)}
 
 
-def _blank_batch(batch_size: int, image_size: int, max_boxes: int) -> dict[str, np.ndarray]:
+def _blank_batch(batch_size: int, canvas: tuple[int, int], max_boxes: int) -> dict[str, np.ndarray]:
   """Rows that carry nothing (eval padding, skipped images) until a row is written."""
-  b, s, g = batch_size, image_size, max_boxes
+  b, g = batch_size, max_boxes
   return {
-      'image': np.zeros((b, s, s, 3), np.uint8), 'image_hw': np.zeros((b, 2), np.int32),
+      'image': np.zeros((b, *canvas, 3), np.uint8), 'image_hw': np.zeros((b, 2), np.int32),
       'boxes': np.zeros((b, g, 4), np.float32), 'labels': np.zeros((b, g), np.int32),
       'is_crowd': np.zeros((b, g), bool), 'box_valid': np.zeros((b, g), bool),
       'image_id': np.full((b,), -1, np.int64), 'orig_hw': np.zeros((b, 2), np.int32),
@@ -229,14 +268,17 @@ class _Batcher:
                           self.max_boxes)
     row = preprocess(example, min_size=self.min_size, max_size=self.max_size,
                      image_size=self.image_size, max_boxes=self.max_boxes, flip=flip,
-                     image_out=batch['image'][r])
+                     image_out=batch['image'][r], canvas=batch['image'].shape[1:3])
     for k, v in row.items():
       if k != 'image':
         batch[k][r] = v
 
-  def rows(self, rows: Sequence[tuple[int, bool] | None]) -> dict[str, np.ndarray]:
-    """rows: (source index, flip) per batch row, None for padding -> the batch."""
-    batch = _blank_batch(len(rows), self.image_size, self.max_boxes)
+  def rows(self, rows: Sequence[tuple[int, bool] | None],
+           canvas: tuple[int, int] | None = None) -> dict[str, np.ndarray]:
+    """rows: (source index, flip) per batch row, None for padding -> the batch, every image
+    padded to `canvas` (S x S when None)."""
+    canvas = (self.image_size, self.image_size) if canvas is None else tuple(canvas)
+    batch = _blank_batch(len(rows), canvas, self.max_boxes)
     jobs = [self._pool.submit(self._write_row, batch, r, int(row[0]), bool(row[1]))
             for r, row in enumerate(rows) if row is not None]
     for job in jobs:
@@ -293,25 +335,59 @@ def num_eval_batches(num_examples: int, global_batch_size: int) -> int:
   return math.ceil(num_examples / global_batch_size)
 
 
+def eval_plan(data_config, global_batch_size: int, image_hw: np.ndarray
+              ) -> list[tuple[tuple[int, int], np.ndarray]]:
+  """The global eval batches: [(canvas (Hc, Wc), source indices [<= GB])], every image once.
+
+  image_hw: int [n, 2] (h, w) of the original images 0..n-1. Images are grouped by their
+  `eval_canvas`, in source order within a canvas, canvases in order of first appearance; a
+  canvas's last batch may be short (the rest of its rows are padding).
+  """
+  image_hw = np.asarray(image_hw).reshape(-1, 2)
+  canvases = [eval_canvas(data_config, int(h), int(w)) for h, w in image_hw]
+  plan = []
+  for canvas in dict.fromkeys(canvases):
+    members = np.asarray([i for i, c in enumerate(canvases) if c == canvas], np.int64)
+    plan += [(canvas, members[k:k + global_batch_size])
+             for k in range(0, len(members), global_batch_size)]
+  return plan
+
+
 def eval_batches(source: Source, data_config, global_batch_size: int, *,
                  process_index: int | None = None, process_count: int | None = None,
-                 num_images: int = 0) -> Iterator[dict[str, np.ndarray]]:
-  """Every image of the first `num_images` (0: all) exactly once across all hosts, in order.
+                 num_images: int = 0, image_hw: np.ndarray | None = None
+                 ) -> Iterator[dict[str, np.ndarray]]:
+  """Every image of the first `num_images` (0: all) exactly once across all hosts.
 
-  Global batch b holds images [b * GB, (b + 1) * GB); host i takes its rows of it. Every host
-  yields the same number of batches (collectives stay in step); rows past the end are padding
-  with example_valid False and image_id -1. No flip; orig_hw, scale and image_id come along for
+  Global batch b holds GB images that share one canvas (`eval_plan`: images grouped by
+  `eval_canvas`, in source order within a group); host i takes its rows of it. Every host
+  yields the same batches (collectives stay in step); rows past a group's end are padding with
+  example_valid False and image_id -1. No flip; orig_hw, scale and image_id come along for
   mapping detections back to the original image.
+
+  image_hw: int [n, 2] original (h, w) of the first n images, which the canvases need (the
+  sources know them without decoding: `source.coco_gt` lists them). Without it, or with
+  config.data.eval_buckets='square', every batch is S x S, in source order.
   """
   batcher = _Batcher(source, data_config)
   n = len(source) if num_images <= 0 else min(num_images, len(source))
   first_row, local = _host_slice(global_batch_size, process_index, process_count)
+  if image_hw is None or data_config.get('eval_buckets', 'orientation') == 'square':
+    s = batcher.image_size
+    ids = np.arange(n, dtype=np.int64)
+    plan = [((s, s), ids[k:k + global_batch_size]) for k in range(0, n, global_batch_size)]
+  else:
+    if len(image_hw) != n:
+      raise ValueError(f'image_hw has {len(image_hw)} sizes for {n} images.')
+    plan = eval_plan(data_config, global_batch_size, image_hw)
 
   def make(b: int) -> dict[str, np.ndarray]:
-    positions = b * global_batch_size + first_row + np.arange(local)
-    return batcher.rows([(p, False) if p < n else None for p in positions])
+    canvas, members = plan[b]
+    rows = first_row + np.arange(local)
+    return batcher.rows([(int(members[r]), False) if r < len(members) else None for r in rows],
+                        canvas)
 
-  return _prefetch(make, iter(range(num_eval_batches(n, global_batch_size))), batcher.prefetch)
+  return _prefetch(make, iter(range(len(plan))), batcher.prefetch)
 
 
 def normalize_images(images: jax.Array, image_hw: jax.Array, mean: Sequence[float],
