@@ -1,15 +1,19 @@
 """Expands an experiment file's `get_sweep(hyper)` into one training run per setting.
 
   python scripts/sweep.py experiments/focal_sweep.py[:arg] [--dry-run] [--workdir_root DIR]
-      [--pod NAME --zone ZONE] [-- extra flags for every run]
+      [--pod NAME --zone ZONE] [-- extra flags for every run, e.g. --config.num_train_steps=100]
 
-Each run gets its own workdir, DIR/<experiment>/<setting name>, and the same command as a
-single run plus the setting's `--config.x=y` overrides; re-running the sweep resumes every run.
+Each run gets its own workdir, DIR/<experiment>[:<arg>]/<setting name>[,<extra overrides>], and
+the same command as a single run plus the setting's `--config.x=y` overrides; re-running the
+sweep resumes every run. The experiment argument and the `--config.x=y` flags after `--` are
+part of the workdir name, so that a sweep with other ones (more steps, another optimiser) starts
+its own runs instead of resuming, or re-evaluating, the runs of the first.
 Without --dry-run the runs go one after another on this machine; with --pod they are printed
 (or launched) as scripts/launch_pod.sh commands for a TPU pod.
 """
 
 import argparse
+import hashlib
 import inspect
 import os
 import shlex
@@ -32,11 +36,36 @@ def load_sweep(spec: str) -> list[dict]:
   return get_sweep(hyper, arg or None) if takes_arg else get_sweep(hyper)
 
 
+# Longer workdir names are shortened with a hash: most file systems allow 255 bytes a name.
+_MAX_NAME = 200
+
+
+def _safe_name(name: str) -> str:
+  name = name.replace('/', '-')
+  if len(name) <= _MAX_NAME:
+    return name
+  digest = hashlib.sha256(name.encode()).hexdigest()[:12]
+  return f'{name[:_MAX_NAME - 13]}~{digest}'
+
+
+def run_name(setting: dict, extra: list[str]) -> str:
+  """The setting's name followed by the `--config.x=y` overrides among `extra`, which change
+  the run as much as the setting does; other flags (e.g. --coordinator_address) do not."""
+  overrides = []
+  for i, a in enumerate(extra):
+    if a.startswith('--config.'):
+      if '=' not in a and i + 1 < len(extra) and not extra[i + 1].startswith('--'):
+        a = f'{a}={extra[i + 1]}'  # --config.x y
+      overrides.append(a.removeprefix('--config.'))
+  return _safe_name(','.join(filter(None, [hyper.setting_name(setting), *overrides])))
+
+
 def commands(spec: str, workdir_root: str, extra: list[str], python: str) -> list[tuple[str, list[str]]]:
-  experiment = os.path.splitext(os.path.basename(spec.partition(':')[0]))[0]
+  path, _, arg = spec.partition(':')
+  experiment = _safe_name(os.path.splitext(os.path.basename(path))[0] + (f':{arg}' if arg else ''))
   runs = []
   for setting in load_sweep(spec):
-    workdir = os.path.join(workdir_root, experiment, hyper.setting_name(setting))
+    workdir = os.path.join(workdir_root, experiment, run_name(setting, extra))
     cmd = [python, '-m', 'retina_jax.main', f'--config={spec}', f'--workdir={workdir}',
            *hyper.to_flags(setting), *extra]
     runs.append((workdir, cmd))
@@ -50,10 +79,13 @@ def main(argv=None):
   parser.add_argument('--workdir_root', default='workdirs')
   parser.add_argument('--pod', default='', help='TPU VM name: run through scripts/launch_pod.sh')
   parser.add_argument('--zone', default='')
-  parser.add_argument('extra', nargs='*', help='flags passed to every run (after --)')
-  args = parser.parse_args(argv)
+  argv = sys.argv[1:] if argv is None else list(argv)
+  # Split by hand: argparse rejects `-- --config.x=y` after options once the positional
+  # argument is taken, and would read flags of the training command as its own.
+  extra = argv[argv.index('--') + 1:] if '--' in argv else []
+  args = parser.parse_args(argv[:argv.index('--')] if '--' in argv else argv)
   python = sys.executable if not args.pod else 'python3'
-  runs = commands(args.experiment, args.workdir_root, args.extra, python)
+  runs = commands(args.experiment, args.workdir_root, extra, python)
   launcher = os.path.join(os.path.dirname(__file__), 'launch_pod.sh')
   for i, (workdir, cmd) in enumerate(runs):
     if args.pod:

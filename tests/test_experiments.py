@@ -85,6 +85,29 @@ def test_sweep_script_dry_run_lists_one_workdir_per_setting(tmp_path):
   assert any('--config.anchors.scales=(1.0,)' in l for l in lines)
 
 
+def _dry_run_workdirs(tmp_path, *args) -> tuple[list[str], list[str]]:
+  out = subprocess.run(
+      [sys.executable, os.path.join(ROOT, 'scripts', 'sweep.py'), '--dry-run',
+       '--workdir_root', str(tmp_path), *args], capture_output=True, text=True, cwd=ROOT)
+  assert out.returncode == 0, out.stderr
+  lines = [l for l in out.stdout.splitlines() if 'retina_jax.main' in l]
+  return [l.split('--workdir=')[1].split()[0] for l in lines], lines
+
+
+def test_sweep_script_flags_after_dashes_and_experiment_arg_get_their_own_workdirs(tmp_path):
+  demo = os.path.join('experiments', 'smoke', 'shapes_demo.py')
+  plain, _ = _dry_run_workdirs(tmp_path, demo)
+  longer, _ = _dry_run_workdirs(tmp_path, f'{demo}:steps=800')
+  sgd, lines = _dry_run_workdirs(tmp_path, f'{demo}:steps=800', '--', '--config.optim.name=sgd',
+                                 '--config.optim.base_lr', '0.02')
+  # The README's SGD rows: every run gets the flags after `--`...
+  assert len(lines) == 5
+  assert all(l.endswith('--config.optim.name=sgd --config.optim.base_lr 0.02') for l in lines)
+  # ...and no run of one sweep resumes (or re-evaluates) a finished run of another.
+  assert len(set(plain) | set(longer) | set(sgd)) == 15
+  assert all('optim.name=sgd,optim.base_lr=0.02' in w for w in sgd)
+
+
 def test_launch_pod_dry_run_prints_gcloud_for_all_workers():
   out = subprocess.run(
       ['bash', os.path.join(ROOT, 'scripts', 'launch_pod.sh'), '--name', 'v4-32', '--zone',
