@@ -39,6 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 from ml_collections import config_flags
 
+from retina_jax import cli
 from retina_jax import inference
 from retina_jax import saved_config
 from retina_jax.data.categories import CategoryMap
@@ -225,7 +226,7 @@ def main(fl, argv):
 def run():
   fl = _define_flags()
   argv = saved_config.with_saved_config(sys.argv, saved_config.flag_value(sys.argv, 'workdir'))
-  app.run(functools.partial(main, fl), argv=argv)
+  app.run(functools.partial(main, fl), argv=argv, flags_parser=cli.parse_flags)
 
 
 if __name__ == '__main__':

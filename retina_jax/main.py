@@ -15,6 +15,7 @@ from absl import logging
 import jax
 from ml_collections import config_flags
 
+from retina_jax import cli
 from retina_jax import train
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment file, e.g. '
@@ -62,4 +63,4 @@ def main(argv):
 
 if __name__ == '__main__':
   flags.mark_flags_as_required(['config', 'workdir'])
-  app.run(main)
+  app.run(main, flags_parser=cli.parse_flags)

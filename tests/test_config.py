@@ -1,4 +1,7 @@
 import math
+import os
+import subprocess
+import sys
 
 from retina_jax import config as config_lib
 
@@ -18,3 +21,15 @@ def test_path_fields_are_typed_strings():
   c = config_lib.get_base_config()
   for value in (c.init_from, c.data.root, c.data.tfds_data_dir):
     assert value == ''
+
+
+def test_override_of_a_missing_field_stops_with_one_line_naming_the_flag(tmp_path):
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  for module, extra in (('retina_jax.main', []), ('retina_jax.export', ['--out', str(tmp_path)])):
+    out = subprocess.run(
+        [sys.executable, '-m', module, '--config', 'experiments/smoke/shapes_demo.py',
+         '--workdir', str(tmp_path), *extra, '--config.loss.gama=1'],
+        capture_output=True, text=True, cwd=root)
+    assert out.returncode == 1, out.stderr
+    assert 'Traceback' not in out.stderr, out.stderr
+    assert '--config.loss.gama=1' in out.stderr and '"gamma"' in out.stderr, out.stderr
