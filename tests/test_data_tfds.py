@@ -108,3 +108,14 @@ def test_unprepared_data_set_says_how_to_prepare_it_and_downloads_nothing(tmp_pa
   with pytest.raises(RuntimeError, match=r'tfds build coco/2017 --file_format=array_record'):
     pipeline.create_source(cfg, 'validation')
   assert not any(tmp_path.iterdir())  # Nothing downloaded or prepared behind the user's back.
+
+
+def test_unprepared_data_set_is_not_called_prepared_in_another_format(tmp_path):
+  cfg = _config()
+  cfg.tfds_data_dir = str(tmp_path)
+  with pytest.raises(RuntimeError, match='not prepared') as info:
+    pipeline.create_source(cfg, 'train')
+  message = str(info.value)
+  assert str(tmp_path / 'coco' / '2017') in message
+  assert 'tfds build coco/2017 --file_format=array_record' in message
+  assert 'delete the data' not in message and 'already prepared' not in message

@@ -37,13 +37,28 @@ def _open(name: str, split: str, data_dir: str):
         name, data_dir=data_dir or None).info
   except Exception as e:  # tfds raises many kinds (not found, wrong file format, bad split).
     where = f' --data_dir={data_dir}' if data_dir else ''
+    missing = _missing_data_path(tfds, name, data_dir)
+    # For data never prepared, tfds says it is "already prepared ... in the TFRECORD format"
+    # and suggests deleting it: say what is true instead.
+    why = (f'it is not prepared: nothing at {missing}' if missing else
+           f'{type(e).__name__}: {e}')
     raise RuntimeError(
         f'Cannot open tfds data set {name!r}, split {split!r} (data_dir '
-        f'{data_dir or "tfds default"}) as a random-access data source: {type(e).__name__}: {e}\n'
+        f'{data_dir or "tfds default"}) as a random-access data source: {why}\n'
         f'It must be prepared once in array_record format, e.g. '
         f'`tfds build {name} --file_format=array_record{where}` (COCO: put the downloaded '
         f'archives in the manual dir if this machine cannot download them).') from e
   return source, info
+
+
+def _missing_data_path(tfds, name: str, data_dir: str) -> str:
+  """Where tfds would keep the prepared `name` if nothing is there, else '' (also when the name
+  is unknown: tfds's own error says that best)."""
+  try:
+    path = tfds.builder(name, data_dir=data_dir or None).data_path
+    return '' if path.exists() else str(path)
+  except Exception:  # pylint: disable=broad-except
+    return ''
 
 
 def _category_map(name: str, info) -> CategoryMap:
