@@ -263,4 +263,6 @@ def restore_into(variables, loaded):
   merged = {p: (jnp.asarray(new[p], flat[p].dtype) if p in new else v) for p, v in flat.items()}
   not_loaded = sorted(set(flat) - set(new))
   unused = sorted(set(new) - set(flat))
-  return traverse_util.unflatten_dict(merged, sep='/'), not_loaded, unused
+  # Empty collections stay: a GroupNorm model's batch_stats is {} and the train state needs it.
+  skeleton = traverse_util.flatten_dict(variables, keep_empty_nodes=True, sep='/')
+  return traverse_util.unflatten_dict({**skeleton, **merged}, sep='/'), not_loaded, unused

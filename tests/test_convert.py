@@ -214,6 +214,15 @@ def test_restore_into_model_variables():
     convert.restore_into(init, bad)
 
 
+def test_restore_into_keeps_empty_collections():
+  """A GroupNorm model has batch_stats {}: init_from must not drop it from the train state."""
+  variables = {'params': {'head': {'kernel': np.zeros((2, 2), np.float32)}}, 'batch_stats': {}}
+  loaded = {'params': {'head': {'kernel': np.ones((2, 2), np.float32)}}}
+  merged, not_loaded, unused = convert.restore_into(variables, loaded)
+  assert merged['batch_stats'] == {} and not not_loaded and not unused
+  np.testing.assert_array_equal(merged['params']['head']['kernel'], 1.0)
+
+
 def test_converted_retinanet_gives_torchvision_detections_end_to_end(torch_retinanet):
   """The whole torchvision model (its transform, backbone, head, anchors, decoding, NMS) on an
   image against ours (uint8 in, normalisation, the jitted detector, back to image pixels) under
