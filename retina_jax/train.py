@@ -142,10 +142,12 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, model, anchors
   return new_state, metrics
 
 
-def init_variables(config: ml_collections.ConfigDict, model, rng: jax.Array) -> dict[str, Any]:
+def init_variables(config: ml_collections.ConfigDict, model, rng: jax.Array,
+                   pretrained: bool = True) -> dict[str, Any]:
+  """Fresh variables, overwritten by `config.init_from` where given and `pretrained`."""
   variables = models.init_variables(model, rng, image_size(config))
   variables = {'params': variables['params'], 'batch_stats': variables.get('batch_stats', {})}
-  if config.init_from:
+  if config.init_from and pretrained:
     variables = load_pretrained(variables, config.init_from)
   return variables
 
@@ -178,12 +180,16 @@ def load_pretrained(variables: dict[str, Any], path: str) -> dict[str, Any]:
   return merged
 
 
-def create_train_state(config, model, mesh, tx_fn=make_optimizer) -> tuple[TrainState, Any]:
-  """Initialises the replicated state directly on the mesh (no host copy of the parameters)."""
+def create_train_state(config, model, mesh, tx_fn=make_optimizer, pretrained: bool = True
+                       ) -> tuple[TrainState, Any]:
+  """Initialises the replicated state directly on the mesh (no host copy of the parameters).
+
+  pretrained=False skips `config.init_from`: a resumed run overwrites every array anyway.
+  """
   # rbg keys: initialising with threefry compiles ~3x slower on CPU, and init draws no key
   # that training reuses.
   rng = jax.random.key(config.seed, impl='rbg')
-  variables = init_variables(config, model, rng)  # models.init_variables is jitted itself.
+  variables = init_variables(config, model, rng, pretrained)  # Jitted inside.
   tx = tx_fn(config, variables['params'])
   replicated = sharding_lib.replicated(mesh)
 
@@ -335,8 +341,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   write_config(config, workdir)
 
   model = models.create_model(config)
-  state, tx = create_train_state(config, model, mesh)
   manager = ckpt.make_manager(workdir, config.keep_checkpoints)
+  # Resuming needs only the checkpoint (as detectron2's resume_or_load): the init_from file may
+  # be gone, or its relative path be meant for another working directory, by then.
+  state, tx = create_train_state(config, model, mesh,
+                                 pretrained=manager.latest_step() is None)
   abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
                           state)
   restored = ckpt.restore_latest(manager, abstract)

@@ -125,3 +125,20 @@ def test_non_finite_loss_stops_with_the_step_and_last_good_checkpoint(shapes_roo
   for step in steps:
     variables, _ = ckpt.restore_variables(str(tmp_path), step)
     assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(variables))
+
+
+def test_resume_needs_the_checkpoint_not_the_init_from_file(shapes_root, tmp_path):
+  from retina_jax import convert  # pylint: disable=g-import-not-at-top
+  pretrained = str(tmp_path / 'pretrained.msgpack')
+  config = tiny_config(shapes_root, num_train_steps=1, init_from=pretrained)
+  variables = train.init_variables(config, models.create_model(config),
+                                   jax.random.key(1, impl='rbg'), pretrained=False)
+  convert.save_variables(variables, pretrained)
+  workdir = str(tmp_path / 'run')
+  train.train_and_evaluate(config, workdir)
+  os.remove(pretrained)  # Cleaned up, or a relative path run from another directory.
+  config = tiny_config(shapes_root, num_train_steps=2, init_from=pretrained)
+  train.train_and_evaluate(config, workdir)
+  assert [m['step'] for m in read_metrics(workdir)] == [1, 2]
+  with pytest.raises(FileNotFoundError, match='init_from'):  # A fresh run still needs it.
+    train.train_and_evaluate(config, str(tmp_path / 'fresh'))
