@@ -13,4 +13,5 @@ def get_config(arg=None):
   config_lib.set_schedule(config, arg.sched, arg.batch)
   config_lib.set_scale(config, arg.res)
   config.data.name = 'coco/2017'
+  config.data.train_buckets = 'orientation'  # As retinanet_r50_coco.py.
   return config

@@ -19,6 +19,9 @@ def get_config(arg=None):
   config_lib.set_schedule(config, arg.sched, arg.batch)
   config_lib.set_scale(config, arg.res)
   config.data.name = 'coco/2017'
+  # Landscape / portrait batches (as detectron2's aspect-ratio grouping) where the image sizes
+  # are known up front: --config.data.name=coco_format; tfds trains in the square bucket.
+  config.data.train_buckets = 'orientation'
   config.data.train_split = 'train'
   config.data.eval_split = 'validation'
   return config

@@ -94,10 +94,12 @@ def image_size(config: ml_collections.ConfigDict) -> tuple[int, int]:
   return (config.data.image_size, config.data.image_size)
 
 
-def make_anchors(config: ml_collections.ConfigDict) -> np.ndarray:
-  """[N, 4] (x1, y1, x2, y2) anchors of the padded bucket, a constant of the compiled step."""
+def make_anchors(config: ml_collections.ConfigDict, canvas=None) -> np.ndarray:
+  """[N, 4] (x1, y1, x2, y2) anchors of a padded canvas (the square bucket when None), a
+  constant of the step compiled for that canvas."""
   return anchors_lib.generate_anchors(config.anchors, config.model.min_level,
-                                      config.model.max_level, image_size(config))
+                                      config.model.max_level,
+                                      image_size(config) if canvas is None else tuple(canvas))
 
 
 def normalize(batch: dict[str, jax.Array], config: ml_collections.ConfigDict) -> jax.Array:
@@ -105,11 +107,13 @@ def normalize(batch: dict[str, jax.Array], config: ml_collections.ConfigDict) ->
                                    config.data.pixel_std)
 
 
-def train_step(state: TrainState, batch: dict[str, jax.Array], *, model, anchors: np.ndarray,
+def train_step(state: TrainState, batch: dict[str, jax.Array], *, model,
                config: ml_collections.ConfigDict, tx: optax.GradientTransformation
                ) -> tuple[TrainState, dict[str, jax.Array]]:
   """One SGD step on the global batch. A non-finite loss or gradient leaves the state as it was
-  and records the step in `first_bad_step`, so nothing bad is ever written to a checkpoint."""
+  and records the step in `first_bad_step`, so nothing bad is ever written to a checkpoint.
+  The anchors are a trace-time constant of the batch's canvas (one compilation per canvas)."""
+  anchors = make_anchors(config, batch['image'].shape[1:3])
   images = normalize(batch, config)
   trains_bn = config.model.norm == 'bn'
 
@@ -228,10 +232,12 @@ def train_inputs(host_batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
   return {k: host_batch[k] for k in TRAIN_INPUTS}
 
 
-def abstract_batch(config, mesh) -> dict[str, jax.ShapeDtypeStruct]:
-  """The global training batch as abstract arrays split over 'data'."""
-  b, s, g = config.batch_size, config.data.image_size, config.data.max_boxes
-  shapes = {'image': ((b, s, s, 3), jnp.uint8), 'image_hw': ((b, 2), jnp.int32),
+def abstract_batch(config, mesh, canvas=None) -> dict[str, jax.ShapeDtypeStruct]:
+  """The global training batch as abstract arrays split over 'data', padded to `canvas` (the
+  square bucket when None)."""
+  b, g = config.batch_size, config.data.max_boxes
+  hc, wc = image_size(config) if canvas is None else canvas
+  shapes = {'image': ((b, hc, wc, 3), jnp.uint8), 'image_hw': ((b, 2), jnp.int32),
             'boxes': ((b, g, 4), jnp.float32), 'labels': ((b, g), jnp.int32),
             'is_crowd': ((b, g), jnp.bool_), 'box_valid': ((b, g), jnp.bool_)}
   sharding = sharding_lib.batch_sharding(mesh)
@@ -242,8 +248,7 @@ def abstract_batch(config, mesh) -> dict[str, jax.ShapeDtypeStruct]:
 def make_train_step(config, model, tx, mesh):
   """The jitted step with explicit shardings; the state is donated."""
   replicated = sharding_lib.replicated(mesh)
-  step_fn = functools.partial(train_step, model=model, anchors=make_anchors(config),
-                              config=config, tx=tx)
+  step_fn = functools.partial(train_step, model=model, config=config, tx=tx)
   return jax.jit(step_fn, in_shardings=(replicated, sharding_lib.batch_sharding(mesh)),
                  out_shardings=(replicated, replicated), donate_argnums=(0,))
 
@@ -365,6 +370,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   preemption = Preemption()
   pending: list[dict[str, jax.Array]] = []
   timer_step, timer_start = start_step, time.perf_counter()
+  compiled = set()  # Canvases the train step has been compiled for.
 
   def check_finite():
     bad = int(jax.device_get(state.first_bad_step))
@@ -386,10 +392,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     batches = loader.iterate(start_step)
     for step in range(start_step + 1, config.num_train_steps + 1):
       host_batch = next(batches)
+      canvas = host_batch['image'].shape[1:3]
+      if canvas not in compiled:
+        logging.info('Compiling the train step for %dx%d images.', *canvas)
       state, metrics = step_fn(state, sharding_lib.to_global(train_inputs(host_batch), mesh))
       pending.append(metrics)
-      if step == start_step + 1:
-        # The first step includes compilation: start the clock for images/s and ETA after it.
+      if canvas not in compiled:
+        # The first step of each canvas includes compilation: (re)start the clock for images/s
+        # and ETA after it.
+        compiled.add(canvas)
         jax.block_until_ready(metrics)
         timer_step, timer_start = step, time.perf_counter()
       is_last = step == config.num_train_steps

@@ -253,6 +253,84 @@ def test_eval_batches_in_orientation_canvases_across_hosts(shapes_root):
   np.testing.assert_array_equal(first['image_id'], src.image_ids[:4])
 
 
+class _SizedSource:
+  """Just what TrainLoader's batch plan reads: a length and the original sizes."""
+  object_counts = None
+
+  def __init__(self, hw):
+    self.original_hw = np.asarray(hw, np.int32)
+
+  def __len__(self):
+    return len(self.original_hw)
+
+
+def _grouped_reference(seed, groups, gb, num_steps, flip):
+  """Aspect-ratio grouping spelled out: the epoch permutations as one stream, each group's
+  members in stream order GB at a time, batches in the order they fill up."""
+  n = len(groups)
+  stream = np.concatenate([pipeline._epoch_permutation(seed, e, n) for e in range(8 * num_steps)])
+  batches = []
+  for g in np.unique(groups):
+    positions = np.flatnonzero(groups[stream] == g)
+    for k in range(len(positions) // gb):
+      members = positions[k * gb:(k + 1) * gb]
+      batches.append((members[-1], g, members))
+  batches.sort(key=lambda b: b[0])
+  out = []
+  for _, g, members in batches[:num_steps]:
+    flips = [np.random.default_rng((seed, 1, int(p))).random() < 0.5 for p in members]
+    out.append((g, stream[members], np.asarray(flips) if flip else np.zeros(gb, bool)))
+  return out
+
+
+@pytest.mark.parametrize('seed', [0, 3])
+def test_orientation_batches_are_aspect_ratio_grouping_as_a_pure_function_of_step(seed):
+  rng = np.random.default_rng(seed)
+  hw = [(100, 200) if rng.random() < 0.7 else (200, 100) for _ in range(13)]
+  hw[0], hw[1] = (100, 200), (200, 100)  # Both canvases occur.
+  cfg = config_lib.get_base_config().data
+  cfg.min_size, cfg.max_size, cfg.image_size, cfg.num_workers = 64, 128, 128, 1
+  cfg.train_buckets = 'orientation'
+  src = _SizedSource(hw)
+  loader = pipeline.TrainLoader(src, cfg, 4, seed=seed, process_index=0, process_count=1)
+  assert loader.canvases == [(64, 128), (128, 64)]
+  groups = np.asarray([0 if w >= h else 1 for h, w in hw])
+  reference = _grouped_reference(seed, groups, 4, 40, flip=True)
+  for step, (g, indices, flips) in enumerate(reference):
+    got, got_flips = loader.example_indices(step)
+    np.testing.assert_array_equal(got, indices, err_msg=f'step {step}')
+    np.testing.assert_array_equal(got_flips, flips, err_msg=f'step {step}')
+    assert loader.canvas(step) == loader.canvases[g]
+  # Hosts take their rows of the same global batch, at any step (resume = pure function).
+  halves = [pipeline.TrainLoader(src, cfg, 4, seed=seed, process_index=i, process_count=2)
+            for i in range(2)]
+  for step in (0, 7, 39, 1000):
+    whole = loader.example_indices(step)[0]
+    np.testing.assert_array_equal(
+        np.concatenate([h.example_indices(step)[0] for h in halves]), whole)
+    assert {h.canvas(step) for h in halves} == {loader.canvas(step)}
+  # Each group's pass through the stream sees each of its images once.
+  first = np.concatenate([indices for g, indices, _ in reference if g == 0])
+  n0 = int((groups == 0).sum())
+  assert sorted(first[:n0].tolist()) == np.flatnonzero(groups == 0).tolist()
+
+
+def test_square_training_bucket_is_unchanged_and_single_canvas_groups_are_too():
+  hw = [(100, 200), (200, 100), (150, 150)] * 3
+  cfg = config_lib.get_base_config().data
+  cfg.min_size, cfg.max_size, cfg.image_size, cfg.num_workers = 128, 128, 128, 1
+  src = _SizedSource(hw)
+  plain = pipeline.TrainLoader(src, cfg, 4, seed=0, process_index=0, process_count=1)
+  cfg.train_buckets = 'orientation'  # Both orientations fit 128 x 128: one canvas, one group.
+  grouped = pipeline.TrainLoader(src, cfg, 4, seed=0, process_index=0, process_count=1)
+  assert plain.canvases == grouped.canvases == [(128, 128)]
+  for step in range(10):
+    n = len(hw)
+    want = [pipeline._epoch_permutation(0, p // n, n)[p % n] for p in range(4 * step, 4 * step + 4)]
+    np.testing.assert_array_equal(plain.example_indices(step)[0], want)
+    np.testing.assert_array_equal(grouped.example_indices(step)[0], want)
+
+
 def test_unreadable_image_fails_or_is_skipped(shapes_root, tmp_path):
   root = shutil.copytree(shapes_root, tmp_path / 'copy')
   data_dir = next(p for p in root.iterdir() if p.name.startswith('shapes-'))

@@ -81,36 +81,37 @@ def resized_hw(h: int, w: int, scale: float, image_size: int) -> tuple[int, int]
   return (min(image_size, max(1, round(h * scale))), min(image_size, max(1, round(w * scale))))
 
 
-EVAL_BUCKETS = ('orientation', 'square')
+BUCKETS = ('orientation', 'square')
 
 
 def _ceil_multiple(x: int, m: int = anchors_lib.SIZE_MULTIPLE) -> int:
   return -(-int(x) // m) * m
 
 
-def eval_canvas(data_config, h: int, w: int) -> tuple[int, int]:
-  """(height, width) of the padded canvas an original h x w image is evaluated (or predicted) in.
-
-  The resize is the same either way (`resize_scale`); only the zero padding around it differs.
-  config.data.eval_buckets:
-    'square': S x S, S = config.data.image_size, the training bucket.
-    'orientation' (default): the smallest canvases the resize rule can fill, one for landscape
-      (w >= h) and one for portrait images: resized sides are at most min(min_size, max_size, S)
-      and min(max_size, S), rounded up to multiples of 32. COCO's 800 / 1333 in a 1408 bucket
-      gives 800 x 1344 and 1344 x 800: 46% fewer pixels than 1408 x 1408, the same two static
-      shapes for every batch (two compilations), and torchvision's own canvas for a 800 x 1333
-      image.
+def canvas_for(data_config, h: int, w: int, buckets: str) -> tuple[int, int]:
+  """(height, width) of the canvas an original h x w image is padded into, for `buckets`:
+    'square': S x S, S = config.data.image_size.
+    'orientation': the smallest canvases the resize rule can fill, one for landscape (w >= h)
+      and one for portrait images: resized sides are at most min(min_size, max_size, S) and
+      min(max_size, S), rounded up to multiples of 32. COCO's 800 / 1333 in a 1408 bucket gives
+      800 x 1344 and 1344 x 800 (torchvision's own canvas for a 800 x 1333 image): 46% fewer
+      pixels than 1408 x 1408. The resize is the same either way; only the padding differs.
   """
-  buckets = data_config.get('eval_buckets', 'orientation')
   s = int(data_config.image_size)
   if buckets == 'square':
     return s, s
   if buckets != 'orientation':
-    raise ValueError(f'config.data.eval_buckets must be one of {EVAL_BUCKETS}, got {buckets!r}.')
+    raise ValueError(f'config.data.train_buckets / eval_buckets must be one of {BUCKETS}, '
+                     f'got {buckets!r}.')
   long_side = min(int(data_config.max_size), s)
   short_side = min(int(data_config.min_size), long_side)
   short_side, long_side = _ceil_multiple(short_side), _ceil_multiple(long_side)
   return (short_side, long_side) if w >= h else (long_side, short_side)
+
+
+def eval_canvas(data_config, h: int, w: int) -> tuple[int, int]:
+  """The canvas of an image in evaluation and `predict` (config.data.eval_buckets)."""
+  return canvas_for(data_config, h, w, data_config.get('eval_buckets', 'orientation'))
 
 
 def preprocess(example: dict, *, min_size: int, max_size: int, image_size: int, max_boxes: int,
@@ -286,11 +287,31 @@ class _Batcher:
     return batch
 
 
+@functools.lru_cache(maxsize=8)
+def _epoch_groups(seed: int, epoch: int, groups_key: bytes, num_groups: int
+                  ) -> tuple[np.ndarray, list[np.ndarray]]:
+  """Epoch `epoch`'s stream of canvas groups: (running count of each group's members up to and
+  including each position, int64 [N, G]; positions of each group's members, G arrays)."""
+  groups = np.frombuffer(groups_key, np.int8)
+  order = groups[_epoch_permutation(seed, epoch, len(groups))]
+  counts = np.cumsum(order[:, None] == np.arange(num_groups)[None], axis=0)
+  return counts, [np.flatnonzero(order == g) for g in range(num_groups)]
+
+
 class TrainLoader:
   """Training batches as a pure function of (seed, step); see the module docstring.
 
   `batch(step)` builds this host's part of global batch `step` synchronously; `iterate(start)`
   yields batches start, start + 1, ... forever, built ahead by a background thread.
+
+  Canvases (config.data.train_buckets): with 'square', or when every image gets the same canvas,
+  global example position p = step * GB + row as in the module docstring. With 'orientation'
+  and both landscape and portrait images, every global batch holds images of one canvas, as
+  detectron2's aspect-ratio grouping does, still as a pure function of (seed, step): the epoch
+  streams `permutation(seed, e)` run into each other as before; each canvas group takes its own
+  members from that stream in order, GB at a time; and global batches come in the order in
+  which they fill up (the position of their last member). Every image is seen once per pass of
+  its group through the stream; flips are drawn from (seed, 1, stream position).
   """
 
   def __init__(self, source: Source, data_config, global_batch_size: int, seed: int, *,
@@ -304,16 +325,73 @@ class TrainLoader:
     self.global_batch_size = int(global_batch_size)
     self._first_row, self.local_batch_size = _host_slice(
         self.global_batch_size, process_index, process_count)
+    buckets = data_config.get('train_buckets', 'square')
+    hw = getattr(source, 'original_hw', None)
+    if buckets != 'square' and hw is None:
+      logging.info('config.data.train_buckets=%r needs the image sizes before decoding, which '
+                   '%s does not list: training in the square bucket.', buckets,
+                   type(source).__name__)
+      buckets = 'square'
+    canvases = ([canvas_for(data_config, int(h), int(w), buckets) for h, w in hw]
+                if buckets != 'square' else [(self._batcher.image_size,) * 2])
+    self.canvases = list(dict.fromkeys(canvases))
+    if len(self.canvases) > 1:
+      self._groups = np.asarray([self.canvases.index(c) for c in canvases], np.int8)
+      self._groups_key = self._groups.tobytes()  # Cache key of `_epoch_groups`.
+      self._group_sizes = np.bincount(self._groups, minlength=len(self.canvases))
+      logging.info('Training canvases %s with %s images.', self.canvases,
+                   self._group_sizes.tolist())
 
   @property
   def steps_per_epoch(self) -> float:
     return len(self.source) / self.global_batch_size
 
+  def _stream_position(self, step: int) -> tuple[int, int]:
+    """Global batch `step` of the canvas groups -> (its group, index of its first member in
+    the group's stream)."""
+    n, gb, num_groups = len(self.source), self.global_batch_size, len(self.canvases)
+
+    def group_counts(p):  # Members of each group at stream positions <= p.
+      epoch, r = divmod(p, n)
+      return epoch * self._group_sizes + _epoch_groups(self.seed, epoch, self._groups_key,
+                                                       num_groups)[0][r]
+
+    # The epoch in which the batch fills up: the first whose end has filled step + 1 batches
+    # (a closed form: each group has passed through the stream epoch + 1 times by then).
+    lo, hi = 0, -(-(step + 1 + num_groups) * gb // n)
+    while lo < hi:
+      mid = (lo + hi) // 2
+      if int(((mid + 1) * self._group_sizes // gb).sum()) >= step + 1:
+        hi = mid
+      else:
+        lo = mid + 1
+    # Then the stream position within that epoch at which it fills up.
+    lo, hi = lo * n, lo * n + n - 1
+    while lo < hi:
+      mid = (lo + hi) // 2
+      if int((group_counts(mid) // gb).sum()) >= step + 1:
+        hi = mid
+      else:
+        lo = mid + 1
+    epoch, r = divmod(lo, n)
+    group = int(self._groups[_epoch_permutation(self.seed, epoch, n)[r]])
+    return group, (int(group_counts(lo)[group]) // gb - 1) * gb
+
   def example_indices(self, step: int) -> tuple[np.ndarray, np.ndarray]:
     """-> (source indices int64 [B], flips bool [B]) of this host's rows of global batch `step`."""
     n = len(self.source)
-    positions = (step * self.global_batch_size + self._first_row
-                 + np.arange(self.local_batch_size, dtype=np.int64))
+    if len(self.canvases) == 1:
+      positions = (step * self.global_batch_size + self._first_row
+                   + np.arange(self.local_batch_size, dtype=np.int64))
+    else:
+      group, first = self._stream_position(step)
+      size = int(self._group_sizes[group])
+      positions = []
+      for k in range(first + self._first_row, first + self._first_row + self.local_batch_size):
+        epoch, j = divmod(k, size)  # The j-th member of `group` in epoch `epoch`.
+        members = _epoch_groups(self.seed, epoch, self._groups_key, len(self.canvases))[1]
+        positions.append(epoch * n + int(members[group][j]))
+      positions = np.asarray(positions, np.int64)
     indices = np.asarray([_epoch_permutation(self.seed, int(p // n), n)[p % n]
                           for p in positions], np.int64)
     if self.random_flip:
@@ -323,9 +401,15 @@ class TrainLoader:
       flips = np.zeros(len(positions), bool)
     return indices, flips
 
+  def canvas(self, step: int) -> tuple[int, int]:
+    """(Hc, Wc) of global batch `step`."""
+    if len(self.canvases) == 1:
+      return self.canvases[0]
+    return self.canvases[self._stream_position(step)[0]]
+
   def batch(self, step: int) -> dict[str, np.ndarray]:
     indices, flips = self.example_indices(step)
-    return self._batcher.rows(list(zip(indices, flips)))
+    return self._batcher.rows(list(zip(indices, flips)), self.canvas(step))
 
   def iterate(self, start_step: int = 0) -> Iterator[dict[str, np.ndarray]]:
     return _prefetch(self.batch, itertools.count(start_step), self._batcher.prefetch)
