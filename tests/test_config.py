@@ -25,11 +25,13 @@ def test_path_fields_are_typed_strings():
 
 def test_override_of_a_missing_field_stops_with_one_line_naming_the_flag(tmp_path):
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  for module, extra in (('retina_jax.main', []), ('retina_jax.export', ['--out', str(tmp_path)])):
+  workdir = ['--workdir', str(tmp_path)]
+  for module, extra in (('retina_jax.main', workdir),
+                        ('retina_jax.export', [*workdir, '--out', str(tmp_path)]),
+                        ('retina_jax.tools.anchor_coverage', [])):
     out = subprocess.run(
-        [sys.executable, '-m', module, '--config', 'experiments/smoke/shapes_demo.py',
-         '--workdir', str(tmp_path), *extra, '--config.loss.gama=1'],
-        capture_output=True, text=True, cwd=root)
+        [sys.executable, '-m', module, '--config', 'experiments/smoke/shapes_demo.py', *extra,
+         '--config.loss.gama=1'], capture_output=True, text=True, cwd=root)
     assert out.returncode == 1, out.stderr
     assert 'Traceback' not in out.stderr, out.stderr
     assert '--config.loss.gama=1' in out.stderr and '"gamma"' in out.stderr, out.stderr

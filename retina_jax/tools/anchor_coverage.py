@@ -26,6 +26,7 @@ from ml_collections import config_flags
 
 from retina_jax import anchors as anchors_lib
 from retina_jax import box_ops
+from retina_jax import cli
 from retina_jax.data import pipeline
 
 SIZES = (('small', 0.0, 32.0 ** 2), ('medium', 32.0 ** 2, 96.0 ** 2),
@@ -140,7 +141,7 @@ def main(fl, argv):
 
 def run():
   fl = _define_flags()
-  app.run(functools.partial(main, fl), argv=sys.argv)
+  app.run(functools.partial(main, fl), argv=sys.argv, flags_parser=cli.parse_flags)
 
 
 if __name__ == '__main__':
