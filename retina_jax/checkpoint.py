@@ -9,6 +9,7 @@ mesh, so a checkpoint written on N devices restores on any other number.
 
 from typing import Any
 
+from flax import traverse_util
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
@@ -36,12 +37,48 @@ def save(manager: ocp.CheckpointManager, state: Any, force: bool = False) -> boo
   return manager.save(step, args=ocp.args.StandardSave(state), force=force)
 
 
+def _first_mismatch(path: epath.Path, abstract_state: Any) -> str:
+  """'params/x/kernel: (3, 3, 64, 64) saved, (3, 3, 32, 32) now' for the first model variable
+  whose saved shape differs from `abstract_state`'s, or whatever is missing on either side."""
+  try:
+    saved = ocp.PyTreeCheckpointer().metadata(path).item_metadata.tree
+  except Exception:  # pylint: disable=broad-except
+    return ''  # Unreadable metadata: the restore error is all there is to say.
+  for collection in ('params', 'batch_stats'):
+    ours = traverse_util.flatten_dict(getattr(abstract_state, collection, {}), sep='/')
+    theirs = traverse_util.flatten_dict(saved.get(collection) or {}, sep='/')
+    for key in sorted(set(ours) | set(theirs)):
+      old, new = theirs.get(key), ours.get(key)
+      if old is None or new is None or tuple(old.shape) != tuple(new.shape):
+        describe = lambda x: 'absent' if x is None else str(tuple(x.shape))
+        return f'{collection}/{key}: {describe(old)} saved, {describe(new)} now'
+  return ''
+
+
 def restore_latest(manager: ocp.CheckpointManager, abstract_state: Any) -> Any | None:
-  """The newest complete checkpoint laid out like `abstract_state` (shapes and shardings)."""
+  """The newest complete checkpoint laid out like `abstract_state` (shapes and shardings).
+
+  A checkpoint written under another config (another model size, norm or optimiser) stops with
+  the first variable that differs and what to do, instead of orbax's error about one array.
+  """
   step = manager.latest_step()
   if step is None:
     return None
-  return manager.restore(step, args=ocp.args.StandardRestore(abstract_state))
+  def does_not_fit(why: str) -> ValueError:
+    return ValueError(
+        f'Checkpoint {step} in {manager.directory} does not fit the train state of this config '
+        f'({why}): it was written under another config (model shape, norm or optimiser). '
+        'Re-run with the config that wrote it (config.json beside checkpoints/), or train in a '
+        'new --workdir.')
+
+  mismatch = _first_mismatch(epath.Path(manager.directory) / str(step) / 'default',
+                             abstract_state)
+  if mismatch:
+    raise does_not_fit(mismatch)
+  try:
+    return manager.restore(step, args=ocp.args.StandardRestore(abstract_state))
+  except (ValueError, KeyError, TypeError) as e:  # E.g. another optimiser's state.
+    raise does_not_fit((str(e).strip().splitlines() or [type(e).__name__])[0]) from e
 
 
 def restore_variables(workdir: str, step: int | None = None) -> tuple[dict[str, Any], int]:

@@ -343,7 +343,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
                      f'{config.data.name!r}; leave it empty to take the data\'s own.')
   config = ml_collections.ConfigDict(config.to_dict())
   config.categories = categories.to_json()
-  write_config(config, workdir)
 
   model = models.create_model(config)
   manager = ckpt.make_manager(workdir, config.keep_checkpoints)
@@ -359,6 +358,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     if int(state.first_bad_step) >= 0:
       raise NonFiniteError(f'the checkpoint in {workdir} recorded a non-finite step '
                            f'{int(state.first_bad_step)}')
+  # Only now: a command whose config does not fit the checkpoint must not overwrite the
+  # config.json that evaluation and export read next to it.
+  write_config(config, workdir)
   start_step = int(jax.device_get(state.step))
   logging.info('Starting at step %d of %d (%s)', start_step, config.num_train_steps,
                'resumed' if restored is not None else 'fresh')

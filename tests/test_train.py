@@ -142,3 +142,16 @@ def test_resume_needs_the_checkpoint_not_the_init_from_file(shapes_root, tmp_pat
   assert [m['step'] for m in read_metrics(workdir)] == [1, 2]
   with pytest.raises(FileNotFoundError, match='init_from'):  # A fresh run still needs it.
     train.train_and_evaluate(config, str(tmp_path / 'fresh'))
+
+
+def test_resume_under_another_model_config_names_the_variable_and_keeps_config_json(
+    shapes_root, tmp_path):
+  workdir = str(tmp_path)
+  train.train_and_evaluate(tiny_config(shapes_root, num_train_steps=1), workdir)
+  with open(os.path.join(workdir, 'config.json')) as f:
+    saved = f.read()
+  with pytest.raises(ValueError, match=r'params/\S+: \(.*\) saved, \(.*\) now.*new --workdir'):
+    train.train_and_evaluate(
+        tiny_config(shapes_root, num_train_steps=2, **{'model.fpn_channels': 8}), workdir)
+  with open(os.path.join(workdir, 'config.json')) as f:
+    assert f.read() == saved  # Evaluation and export still rebuild the model that was trained.
