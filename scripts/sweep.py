@@ -7,7 +7,9 @@ Each run gets its own workdir, DIR/<experiment>[:<arg>]/<setting name>[,<extra o
 the same command as a single run plus the setting's `--config.x=y` overrides; re-running the
 sweep resumes every run. The experiment argument and the `--config.x=y` flags after `--` are
 part of the workdir name, so that a sweep with other ones (more steps, another optimiser) starts
-its own runs instead of resuming, or re-evaluating, the runs of the first.
+its own runs instead of resuming, or re-evaluating, the runs of the first. Finished runs (final
+checkpoint and the evaluation after it written) are skipped; `python -m retina_jax.evaluate
+--workdir DIR` evaluates one again.
 Without --dry-run the runs go one after another on this machine; with --pod they are printed
 (or launched) as scripts/launch_pod.sh commands for a TPU pod.
 """
@@ -15,6 +17,7 @@ Without --dry-run the runs go one after another on this machine; with --pod they
 import argparse
 import hashlib
 import inspect
+import json
 import os
 import shlex
 import subprocess
@@ -72,6 +75,23 @@ def commands(spec: str, workdir_root: str, extra: list[str], python: str) -> lis
   return runs
 
 
+def finished_step(workdir: str) -> int | None:
+  """The last step of a finished run in `workdir`: its config.json's num_train_steps has a
+  checkpoint and the final evaluation's metrics_<eval split>.json is newer. None otherwise (also
+  for workdirs this machine cannot read, e.g. on a pod's local disks)."""
+  try:
+    with open(os.path.join(workdir, 'config.json')) as f:
+      config = json.load(f)
+    step = int(config['num_train_steps'])
+    checkpoint = os.path.join(workdir, 'checkpoints', str(step))
+    metrics = os.path.join(workdir, f"metrics_{config['data']['eval_split']}.json")
+    if os.path.getmtime(metrics) >= os.path.getmtime(checkpoint):
+      return step
+  except (OSError, ValueError, KeyError, TypeError):
+    pass
+  return None
+
+
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   parser.add_argument('experiment', help='experiments/<file>.py[:arg]')
@@ -91,6 +111,11 @@ def main(argv=None):
     if args.pod:
       cmd = ['bash', launcher, '--name', args.pod, '--zone', args.zone,
              *(['--dry-run'] if args.dry_run else []), '--', *cmd[1:]]
+    step = finished_step(workdir)
+    if step is not None:
+      print(f'[{i + 1}/{len(runs)}] {workdir}\n  finished at step {step} and evaluated: skipped',
+            flush=True)
+      continue
     print(f'[{i + 1}/{len(runs)}] {workdir}\n  {shlex.join(cmd)}', flush=True)
     if args.dry_run and not args.pod:
       continue

@@ -1,6 +1,7 @@
 """Experiment files are data: they load, their sweeps expand, and the sweep script wires them."""
 
 import glob
+import json
 import os
 import subprocess
 import sys
@@ -106,6 +107,27 @@ def test_sweep_script_flags_after_dashes_and_experiment_arg_get_their_own_workdi
   # ...and no run of one sweep resumes (or re-evaluates) a finished run of another.
   assert len(set(plain) | set(longer) | set(sgd)) == 15
   assert all('optim.name=sgd,optim.base_lr=0.02' in w for w in sgd)
+
+
+def test_sweep_script_skips_finished_runs_and_resumes_the_others(tmp_path):
+  demo = os.path.join('experiments', 'smoke', 'shapes_demo.py')
+  workdirs, _ = _dry_run_workdirs(tmp_path, demo)
+  for k, workdir in enumerate(workdirs[:3]):  # 0: finished; 1: killed in its final evaluation;
+    os.makedirs(os.path.join(workdir, 'checkpoints', '1200'))  # 2: stale metrics of 800 steps.
+    with open(os.path.join(workdir, 'config.json'), 'w') as f:
+      json.dump({'num_train_steps': 1200, 'data': {'eval_split': 'validation'}}, f)
+    metrics = os.path.join(workdir, 'metrics_validation.json')
+    if k != 1:
+      with open(metrics, 'w') as f:
+        f.write('{}')
+    if k == 2:
+      os.utime(metrics, (0, 0))
+  out = subprocess.run(
+      [sys.executable, os.path.join(ROOT, 'scripts', 'sweep.py'), '--dry-run',
+       '--workdir_root', str(tmp_path), demo], capture_output=True, text=True, cwd=ROOT,
+      check=True)
+  assert out.stdout.count('finished at step 1200 and evaluated: skipped') == 1
+  assert out.stdout.count('retina_jax.main') == 4 and f'--workdir={workdirs[0]} ' not in out.stdout
 
 
 def test_launch_pod_dry_run_prints_gcloud_for_all_workers():
