@@ -434,8 +434,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
       if config.eval_every_steps and step % config.eval_every_steps == 0 and not is_last:
         run_eval(step)
         timer_start = time.perf_counter()
-    # The final evaluation also runs when a finished run is started again (e.g. `make demo`).
-    run_eval(config.num_train_steps)
+    # The final evaluation also runs when a finished run is started again (e.g. `make demo`),
+    # labelled with the step it evaluates: a checkpoint past a lowered num_train_steps is newer.
+    if start_step > config.num_train_steps:
+      logging.warning('The checkpoint in %s is at step %d, past num_train_steps=%d: evaluating '
+                      'it as it is.', workdir, start_step, config.num_train_steps)
+    run_eval(max(start_step, config.num_train_steps))
   finally:
     manager.wait_until_finished()
     logger.close()

@@ -155,3 +155,13 @@ def test_resume_under_another_model_config_names_the_variable_and_keeps_config_j
         tiny_config(shapes_root, num_train_steps=2, **{'model.fpn_channels': 8}), workdir)
   with open(os.path.join(workdir, 'config.json')) as f:
     assert f.read() == saved  # Evaluation and export still rebuild the model that was trained.
+
+
+def test_lowering_num_train_steps_evaluates_the_checkpoint_under_its_own_step(shapes_root,
+                                                                              tmp_path):
+  workdir = str(tmp_path)
+  train.train_and_evaluate(tiny_config(shapes_root, num_train_steps=2), workdir)
+  train.train_and_evaluate(tiny_config(shapes_root, num_train_steps=1), workdir)
+  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+    evals = [r['step'] for r in map(json.loads, f) if 'eval/AP' in r]
+  assert evals == [2, 2]  # Not 1: the parameters evaluated are those of step 2.
