@@ -7,7 +7,8 @@
 #
 # Every host runs `python3 <args> --distributed` from the repository's directory on the VM
 # (--repo_dir, default ~/retina_jax); jax.distributed.initialize() finds the peers. --setup first
-# copies this checkout to every host and installs requirements.txt plus jax[tpu].
+# copies this checkout's files (those git tracks or would track: no .venv, no workdirs) to every
+# host, over what an earlier --setup put there, and installs requirements.txt plus jax[tpu].
 # --dry-run prints the exact gcloud commands instead of running them.
 set -euo pipefail
 name="" zone="" dry_run=0 setup=0 repo_dir='~/retina_jax' project=""
@@ -36,7 +37,14 @@ run() {
   if [ "$dry_run" = 1 ]; then printf '%q ' "$@"; echo; else "$@"; fi
 }
 if [ "$setup" = 1 ]; then
-  run "${base[@]}" scp --recurse "$(cd "$(dirname "$0")/.." && pwd)" "${target[0]}:$repo_dir" "${target[@]:1}"
-  run "${base[@]}" ssh "${target[@]}" --command="cd $repo_dir && python3 -m pip install -q -r requirements.txt 'jax[tpu]==$jax_version' && python3 -m pip install -q --no-deps -e ."
+  # An archive rather than `scp --recurse` of the folder: that uploads the local .venv (GBs) to
+  # every host, and a second --setup lands in $repo_dir/<folder>, leaving the old code to run.
+  repo=$(cd "$(dirname "$0")/.." && pwd)
+  archive="${TMPDIR:-/tmp}/retina_jax-setup-$$.tar.gz"
+  qa=$(printf '%q' "$archive")
+  run bash -c "cd $(printf '%q' "$repo") && if git rev-parse --is-inside-work-tree >/dev/null 2>&1; then git ls-files -z --cached --others --exclude-standard | tar --null -T - -czf $qa; else tar --exclude=./.venv --exclude=./workdirs --exclude=./.git -czf $qa .; fi"
+  run "${base[@]}" scp "$archive" "${target[0]}:retina_jax-setup.tar.gz" "${target[@]:1}"
+  run "${base[@]}" ssh "${target[@]}" --command="mkdir -p $repo_dir && tar -xzf retina_jax-setup.tar.gz -C $repo_dir && cd $repo_dir && python3 -m pip install -q -r requirements.txt 'jax[tpu]==$jax_version' && python3 -m pip install -q --no-deps -e ."
+  [ "$dry_run" = 1 ] || rm -f "$archive"
 fi
 run "${base[@]}" ssh "${target[@]}" --command="cd $repo_dir && python3 $quoted--distributed"

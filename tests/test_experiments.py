@@ -139,3 +139,27 @@ def test_launch_pod_dry_run_prints_gcloud_for_all_workers():
   assert 'gcloud compute tpus tpu-vm ssh v4-32' in out.stdout
   assert '--worker=all' in out.stdout and 'retina_jax.main' in out.stdout
   assert '--distributed' in out.stdout
+
+
+def test_launch_pod_setup_copies_the_checkout_without_ignored_files(tmp_path):
+  """--setup runs for real against a stand-in gcloud that keeps what would be uploaded."""
+  fake = tmp_path / 'bin' / 'gcloud'
+  fake.parent.mkdir()
+  fake.write_text('#!/bin/bash\necho "$*" >> "$LOG"\n'
+                  'for a in "$@"; do case "$a" in *.tar.gz) cp "$a" "$KEEP";; esac; done\n')
+  fake.chmod(0o755)
+  env = dict(os.environ, PATH=f'{fake.parent}{os.pathsep}{os.environ["PATH"]}',
+             LOG=str(tmp_path / 'log'), KEEP=str(tmp_path / 'upload.tar.gz'),
+             TMPDIR=str(tmp_path))
+  subprocess.run(['bash', os.path.join(ROOT, 'scripts', 'launch_pod.sh'), '--name', 'v4-32',
+                  '--zone', 'z', '--setup', '--', '-m', 'retina_jax.main'],
+                 env=env, check=True, capture_output=True, text=True)
+  listing = subprocess.run(['tar', '-tzf', str(tmp_path / 'upload.tar.gz')], check=True,
+                           capture_output=True, text=True).stdout.splitlines()
+  listing = [f.removeprefix('./') for f in listing]  # Outside a git checkout: tar of '.'.
+  assert 'retina_jax/train.py' in listing and 'scripts/launch_pod.sh' in listing
+  assert not [f for f in listing if f.startswith(('.venv/', 'workdirs/', '.git/'))]
+  log = (tmp_path / 'log').read_text()
+  assert '--recurse' not in log  # Into an existing folder that would nest a second copy.
+  assert 'tar -xzf retina_jax-setup.tar.gz -C ~/retina_jax' in log
+  assert not list(tmp_path.glob('retina_jax-setup-*.tar.gz'))  # The local archive is removed.
