@@ -303,6 +303,12 @@ class NonFiniteError(RuntimeError):
   pass
 
 
+def _every(step: int, period: int) -> bool:
+  """Whether a periodic action (log, checkpoint, evaluation) is due; a period of 0 means only
+  at the end of training, as for config.eval_every_steps in the demo."""
+  return period > 0 and step % period == 0
+
+
 def _format_eta(seconds: float) -> str:
   seconds = int(max(seconds, 0))
   return f'{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}'
@@ -411,7 +417,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
         manager.wait_until_finished()
         logging.info('Preempted: saved step %d; re-run the same command to resume.', step)
         return state
-      if step % config.log_every_steps == 0 or is_last:
+      if _every(step, config.log_every_steps) or is_last:
         check_finite()
         summary = jax.tree.map(lambda *x: float(np.mean(x)), *jax.device_get(pending))
         pending = []
@@ -428,10 +434,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
                      'ETA %s', step, config.num_train_steps, summary['loss'],
                      summary['cls_loss'], summary['box_loss'], summary['num_foreground'],
                      summary['learning_rate'], summary.get('images_per_second', 0.0), eta)
-      if step % config.checkpoint_every_steps == 0 or is_last:
+      if _every(step, config.checkpoint_every_steps) or is_last:
         check_finite()
         ckpt.save(manager, state)
-      if config.eval_every_steps and step % config.eval_every_steps == 0 and not is_last:
+      if _every(step, config.eval_every_steps) and not is_last:
         run_eval(step)
         timer_start = time.perf_counter()
     # The final evaluation also runs when a finished run is started again (e.g. `make demo`),

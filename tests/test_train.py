@@ -165,3 +165,11 @@ def test_lowering_num_train_steps_evaluates_the_checkpoint_under_its_own_step(sh
   with open(os.path.join(workdir, 'metrics.jsonl')) as f:
     evals = [r['step'] for r in map(json.loads, f) if 'eval/AP' in r]
   assert evals == [2, 2]  # Not 1: the parameters evaluated are those of step 2.
+
+
+def test_period_zero_means_only_at_the_end(shapes_root, tmp_path):
+  workdir = str(tmp_path)
+  train.train_and_evaluate(tiny_config(shapes_root, num_train_steps=3, log_every_steps=0,
+                                       checkpoint_every_steps=0), workdir)
+  assert [m['step'] for m in read_metrics(workdir)] == [3]
+  assert finished_checkpoints(workdir) == [3]
