@@ -31,6 +31,7 @@ import numpy as np
 from etils import epath
 from ml_collections import config_flags
 
+from retina_jax import cli
 from retina_jax import export as export_lib
 from retina_jax import inference
 from retina_jax import saved_config
@@ -178,9 +179,9 @@ def main(fl, argv):
     from retina_jax import checkpoint  # pylint: disable=g-import-not-at-top
     variables, step = checkpoint.restore_variables(workdir)
     what = f'{workdir} step {step}'
-  out_dir = workdir or params
+  out_dir = workdir or saved_config.export_dir(params)
   split = fl['split'].value or config.data.eval_split
-  metrics = evaluate_variables(config, variables, out_dir, split=split, categories_dir=params)
+  metrics = evaluate_variables(config, variables, out_dir, split=split, categories_dir=saved_config.export_dir(params))
   if jax.process_index() == 0:
     print(f'COCO bbox evaluation of {what} on {config.data.name}:{split}')
     print(coco_eval.format_table(metrics))
@@ -192,13 +193,13 @@ def _saved_config_dir(argv) -> str:
   workdir = saved_config.flag_value(argv, 'workdir')
   if workdir and os.path.exists(os.path.join(workdir, saved_config.CONFIG_JSON)):
     return workdir
-  return saved_config.flag_value(argv, 'params') or workdir
+  return saved_config.export_dir(saved_config.flag_value(argv, 'params')) or workdir
 
 
 def run():
   fl = _define_flags()
   argv = saved_config.with_saved_config(sys.argv, _saved_config_dir(sys.argv))
-  app.run(functools.partial(main, fl), argv=argv)
+  app.run(functools.partial(main, fl), argv=argv, flags_parser=cli.parse_flags)
 
 
 if __name__ == '__main__':

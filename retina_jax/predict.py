@@ -28,6 +28,7 @@ import numpy as np
 from ml_collections import config_flags
 from PIL import Image
 
+from retina_jax import cli
 from retina_jax import export as export_lib
 from retina_jax import inference
 from retina_jax import saved_config
@@ -123,7 +124,7 @@ def main(fl, argv):
   if problem := output_problem(fl['out'].value, fl['json'].value):
     sys.exit(f'predict: {problem}')
   config = fl['config'].value
-  params_dir = params if os.path.isdir(params) else os.path.dirname(params)
+  params_dir = saved_config.export_dir(params)
   variables = export_lib.load_params(params)
   categories = export_lib.resolve_categories(config, params_dir)
   try:
@@ -146,14 +147,13 @@ def main(fl, argv):
 
 
 def _saved_config_dir(argv) -> str:
-  params = saved_config.flag_value(argv, 'params')
-  return params if not params or os.path.isdir(params) else os.path.dirname(params)
+  return saved_config.export_dir(saved_config.flag_value(argv, 'params'))
 
 
 def run():
   fl = _define_flags()
   argv = saved_config.with_saved_config(sys.argv, _saved_config_dir(sys.argv))
-  app.run(functools.partial(main, fl), argv=argv)
+  app.run(functools.partial(main, fl), argv=argv, flags_parser=cli.parse_flags)
 
 
 if __name__ == '__main__':

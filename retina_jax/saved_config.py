@@ -74,3 +74,14 @@ def flag_value(argv: list[str], name: str) -> str:
     if arg == f'--{name}' and k + 1 < len(argv):
       return argv[k + 1]
   return ''
+
+
+def export_dir(params: str) -> str:
+  """The folder of exported parameters given as the folder or as a file in it ('' for '').
+
+  Absolute, so that a bare file name (`--params params.msgpack`, run inside the export) still
+  names its folder (os.path.dirname would give '').
+  """
+  if not params:
+    return ''
+  return os.path.abspath(params if os.path.isdir(params) else os.path.dirname(os.path.abspath(params)))

@@ -154,6 +154,27 @@ def test_export_cli_from_checkpoint_then_evaluate_exported(tmp_path):
   assert {r['image_id'] for r in results} == {im['id'] for im in gt['images']}
   assert 'AP75' in proc.stdout
 
+  # The parameters file itself, named from inside the export (its folder is then '').
+  (out / 'detections_val.json').unlink()
+  proc = subprocess.run([sys.executable, '-m', 'retina_jax.evaluate',
+                         f'--params={export_lib.PARAMS_FILE}'], cwd=str(out), env=env,
+                        capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert json.loads((out / 'detections_val.json').read_text()) == results
+  image = root / 'val' / gt['images'][0]['file_name']
+  proc = subprocess.run([sys.executable, '-m', 'retina_jax.predict',
+                         f'--params={export_lib.PARAMS_FILE}', f'--image={image}',
+                         '--json=p.json'], cwd=str(out), env=env, capture_output=True, text=True,
+                        timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert json.loads((out / 'p.json').read_text())['detections']
+  # A typo in an override is one line naming the flag, in every entry point.
+  proc = subprocess.run([sys.executable, '-m', 'retina_jax.evaluate', f'--params={out}',
+                         '--config.postprocess.score_treshold=0.1'], env=env,
+                        capture_output=True, text=True, timeout=300)
+  assert proc.returncode != 0 and 'score_treshold' in proc.stderr
+  assert 'Traceback' not in proc.stderr, proc.stderr[-2000:]
+
 
 def _cuda_devices():
   try:
