@@ -30,6 +30,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.seed = 0
   config.num_train_steps = 90_000
   config.batch_size = 16  # Global, over every device of every host.
+  # Periods in steps; 0 means only at the end of training.
   config.checkpoint_every_steps = 5_000
   config.keep_checkpoints = 3
   config.eval_every_steps = 10_000
@@ -165,8 +166,25 @@ def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
       key, value = keys[0], item
     if key not in defaults:
       raise ValueError(f'Experiment argument {arg!r}: unknown key {key!r}; known: {keys}')
-    result[key] = type(defaults[key])(value)
+    result[key] = _typed(arg, key, value, defaults[key])
   return result
+
+
+def _typed(arg: str, key: str, value: str, default):
+  """value as the type of `default`; bools from true/false/1/0 (bool('False') is True)."""
+  kind = type(default)
+  if kind is bool:
+    if value.lower() in ('true', '1', 'yes'):
+      return True
+    if value.lower() in ('false', '0', 'no'):
+      return False
+  else:
+    try:
+      return kind(value)
+    except ValueError:
+      pass
+  raise ValueError(f'Experiment argument {arg!r}: {key}={value!r} is not a {kind.__name__} '
+                   f'(default {default!r}).')
 
 
 SCHEDULES = {'1x': (90_000, (60_000, 80_000)), '3x': (270_000, (210_000, 250_000))}

@@ -42,6 +42,13 @@ def test_parse_arg_types_and_errors():
   assert config_lib.parse_arg('600', res=800, sched='1x').res == 600
   with pytest.raises(ValueError, match='unknown key'):
     config_lib.parse_arg('resolution=600', res=800)
+  # Booleans from their spelling (bool('false') is True), and a bad value names its key.
+  assert config_lib.parse_arg('flip=false', res=800, flip=True).flip is False
+  assert config_lib.parse_arg('flip=1', res=800, flip=False).flip is True
+  with pytest.raises(ValueError, match=r"res='abc' is not a int"):
+    config_lib.parse_arg('res=abc', res=800)
+  with pytest.raises(ValueError, match=r"flip='maybe' is not a bool"):
+    config_lib.parse_arg('flip=maybe', flip=True)
 
 
 def test_r50_scale_and_schedule_arguments():
