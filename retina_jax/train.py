@@ -254,15 +254,24 @@ def make_train_step(config, model, tx, mesh):
 
 
 class MetricLogger:
-  """Metrics as JSON lines (`metrics.jsonl`) and TensorBoard events, written by host 0 only."""
+  """Metrics as JSON lines (`metrics.jsonl`) and TensorBoard events, written by host 0 only.
 
-  def __init__(self, workdir: str):
+  Resuming at `resume_step` first drops what a killed run logged after its last checkpoint:
+  the records past that step from metrics.jsonl (and a line cut short by the kill), and, by
+  TensorBoard's purge_step, its events, so that every step appears once in both.
+  """
+
+  def __init__(self, workdir: str, resume_step: int = 0):
     self._active = jax.process_index() == 0
     if not self._active:
       return
-    self._jsonl = open(os.path.join(workdir, 'metrics.jsonl'), 'a')
+    path = os.path.join(workdir, 'metrics.jsonl')
+    if resume_step > 0 and os.path.exists(path):
+      _drop_records_after(path, resume_step)
+    self._jsonl = open(path, 'a')
     from tensorboardX import SummaryWriter  # Imported lazily: it pulls in protobuf.
-    self._tb = SummaryWriter(os.path.join(workdir, 'tensorboard'))
+    self._tb = SummaryWriter(os.path.join(workdir, 'tensorboard'),
+                             purge_step=resume_step + 1 if resume_step > 0 else None)
 
   def write(self, step: int, metrics: dict[str, float], prefix: str = 'train'):
     if not self._active:
@@ -279,6 +288,22 @@ class MetricLogger:
     if self._active:
       self._jsonl.close()
       self._tb.close()
+
+
+def _drop_records_after(path: str, step: int):
+  """Rewrites a metrics.jsonl without the records past `step` or cut short (atomically)."""
+  keep = []
+  with open(path) as f:
+    for line in f:
+      try:
+        record = json.loads(line)
+      except json.JSONDecodeError:
+        continue  # A line the killed process did not finish.
+      if isinstance(record, dict) and record.get('step', 0) <= step:
+        keep.append(json.dumps(record) + '\n')
+  with open(path + '.tmp', 'w') as f:
+    f.writelines(keep)
+  os.replace(path + '.tmp', path)
 
 
 class Preemption:
@@ -374,7 +399,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   loader = pipeline.TrainLoader(source, config.data, config.batch_size, config.seed,
                                 process_index=jax.process_index(),
                                 process_count=jax.process_count())
-  logger = MetricLogger(workdir)
+  logger = MetricLogger(workdir, resume_step=start_step)
   preemption = Preemption()
   pending: list[dict[str, jax.Array]] = []
   timer_step, timer_start = start_step, time.perf_counter()

@@ -44,9 +44,10 @@ def test_killed_run_resumes_bitwise_and_restores_on_other_device_counts(shapes_r
                            capture_output=True, text=True)
   assert resumed.returncode == 0, resumed.stderr[-3000:]
   assert 'resumed' in resumed.stderr
-  after = [m['step'] for m in read_metrics(killed)][len(steps_before_resume):]
-  # Resumed at the last checkpoint (a multiple of 2), then every later step exactly once.
-  assert after == list(range(after[0], 9)) and after[0] % 2 == 1
+  # Resumed at the last checkpoint (a multiple of 2): what the killed run logged after it is
+  # dropped, so metrics.jsonl has every step exactly once.
+  assert max(steps_before_resume) > 2
+  assert [m['step'] for m in read_metrics(killed)] == list(range(1, 9))
 
   a, step_a = ckpt.restore_variables(full)
   b, step_b = ckpt.restore_variables(killed)

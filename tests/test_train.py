@@ -173,3 +173,18 @@ def test_period_zero_means_only_at_the_end(shapes_root, tmp_path):
                                        checkpoint_every_steps=0), workdir)
   assert [m['step'] for m in read_metrics(workdir)] == [3]
   assert finished_checkpoints(workdir) == [3]
+
+
+def test_resumed_logger_drops_what_the_killed_run_logged_after_the_checkpoint(tmp_path):
+  lines = [json.dumps({'step': s, 'train/loss': 1.0 / s}) for s in range(1, 7)]
+  lines.insert(3, json.dumps({'step': 3, 'eval/AP': 0.1}))
+  (tmp_path / 'metrics.jsonl').write_text('\n'.join(lines) + '\n{"step": 7, "train/lo')  # Cut.
+  logger = train.MetricLogger(str(tmp_path), resume_step=4)
+  logger.write(5, {'loss': 0.5})
+  logger.close()
+  records = [json.loads(l) for l in (tmp_path / 'metrics.jsonl').read_text().splitlines()]
+  assert [r['step'] for r in records] == [1, 2, 3, 3, 4, 5]
+  assert records[-1] == {'step': 5, 'train/loss': 0.5}
+  # A fresh run (step 0) appends to whatever is there.
+  train.MetricLogger(str(tmp_path), resume_step=0).close()
+  assert len((tmp_path / 'metrics.jsonl').read_text().splitlines()) == 6
