@@ -179,9 +179,10 @@ def main(fl, argv):
     from retina_jax import checkpoint  # pylint: disable=g-import-not-at-top
     variables, step = checkpoint.restore_variables(workdir)
     what = f'{workdir} step {step}'
-  out_dir = workdir or saved_config.export_dir(params)
+  params_dir = saved_config.export_dir(params)
+  out_dir = workdir or params_dir
   split = fl['split'].value or config.data.eval_split
-  metrics = evaluate_variables(config, variables, out_dir, split=split, categories_dir=saved_config.export_dir(params))
+  metrics = evaluate_variables(config, variables, out_dir, split=split, categories_dir=params_dir)
   if jax.process_index() == 0:
     print(f'COCO bbox evaluation of {what} on {config.data.name}:{split}')
     print(coco_eval.format_table(metrics))

@@ -84,4 +84,5 @@ def export_dir(params: str) -> str:
   """
   if not params:
     return ''
-  return os.path.abspath(params if os.path.isdir(params) else os.path.dirname(os.path.abspath(params)))
+  path = os.path.abspath(params)
+  return path if os.path.isdir(path) else os.path.dirname(path)

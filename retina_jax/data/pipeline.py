@@ -377,14 +377,17 @@ class TrainLoader:
     group = int(self._groups[_epoch_permutation(self.seed, epoch, n)[r]])
     return group, (int(group_counts(lo)[group]) // gb - 1) * gb
 
-  def example_indices(self, step: int) -> tuple[np.ndarray, np.ndarray]:
-    """-> (source indices int64 [B], flips bool [B]) of this host's rows of global batch `step`."""
+  def _rows(self, step: int) -> tuple[np.ndarray, np.ndarray, tuple[int, int]]:
+    """-> (source indices int64 [B], flips bool [B], canvas) of this host's rows of global
+    batch `step`, from one walk of the stream."""
     n = len(self.source)
     if len(self.canvases) == 1:
+      canvas = self.canvases[0]
       positions = (step * self.global_batch_size + self._first_row
                    + np.arange(self.local_batch_size, dtype=np.int64))
     else:
       group, first = self._stream_position(step)
+      canvas = self.canvases[group]
       size = int(self._group_sizes[group])
       positions = []
       for k in range(first + self._first_row, first + self._first_row + self.local_batch_size):
@@ -399,7 +402,11 @@ class TrainLoader:
                           for p in positions])
     else:
       flips = np.zeros(len(positions), bool)
-    return indices, flips
+    return indices, flips, canvas
+
+  def example_indices(self, step: int) -> tuple[np.ndarray, np.ndarray]:
+    """-> (source indices int64 [B], flips bool [B]) of this host's rows of global batch `step`."""
+    return self._rows(step)[:2]
 
   def canvas(self, step: int) -> tuple[int, int]:
     """(Hc, Wc) of global batch `step`."""
@@ -408,8 +415,8 @@ class TrainLoader:
     return self.canvases[self._stream_position(step)[0]]
 
   def batch(self, step: int) -> dict[str, np.ndarray]:
-    indices, flips = self.example_indices(step)
-    return self._batcher.rows(list(zip(indices, flips)), self.canvas(step))
+    indices, flips, canvas = self._rows(step)
+    return self._batcher.rows(list(zip(indices, flips)), canvas)
 
   def iterate(self, start_step: int = 0) -> Iterator[dict[str, np.ndarray]]:
     return _prefetch(self.batch, itertools.count(start_step), self._batcher.prefetch)
@@ -456,11 +463,11 @@ def eval_batches(source: Source, data_config, global_batch_size: int, *,
   batcher = _Batcher(source, data_config)
   n = len(source) if num_images <= 0 else min(num_images, len(source))
   first_row, local = _host_slice(global_batch_size, process_index, process_count)
-  if image_hw is None or data_config.get('eval_buckets', 'orientation') == 'square':
+  if image_hw is None:
     s = batcher.image_size
     ids = np.arange(n, dtype=np.int64)
     plan = [((s, s), ids[k:k + global_batch_size]) for k in range(0, n, global_batch_size)]
-  else:
+  else:  # With eval_buckets='square' this is the same plan: one canvas, source order.
     if len(image_hw) != n:
       raise ValueError(f'image_hw has {len(image_hw)} sizes for {n} images.')
     plan = eval_plan(data_config, global_batch_size, image_hw)
