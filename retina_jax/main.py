@@ -5,9 +5,13 @@
 
 Re-running the same command resumes from the newest checkpoint in DIR. On a TPU pod every host
 runs the same command; `jax.distributed.initialize()` finds its peers from the environment.
+
+Exit codes (README, "Exit codes"): 0 a finished run; 143 preempted after saving, re-run to
+resume; 1 an error that a restart would only repeat.
 """
 
 import logging as std_logging
+import sys
 
 from absl import app
 from absl import flags
@@ -29,6 +33,10 @@ _NUM_PROCESSES = flags.DEFINE_integer('num_processes', 1, 'With --coordinator_ad
 _PROCESS_ID = flags.DEFINE_integer('process_id', 0, 'With --coordinator_address.')
 _DISTRIBUTED = flags.DEFINE_bool('distributed', False, 'Call jax.distributed.initialize() with '
                                  'what the environment says (TPU pods, SLURM).')
+
+# 128 + SIGTERM: what a shell reports for a process that SIGTERM ended, so a scheduler sees the
+# same code whether the signal came before or after training could save.
+EXIT_PREEMPTED = 143
 
 
 def initialize_distributed():
@@ -58,7 +66,11 @@ def main(argv):
   logging.info('JAX process %d of %d, %d local / %d global devices (%s)', jax.process_index(),
                jax.process_count(), jax.local_device_count(), jax.device_count(),
                jax.default_backend())
-  train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  try:
+    train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  except train.Preempted as e:
+    logging.warning('%s', e)
+    sys.exit(EXIT_PREEMPTED)
 
 
 if __name__ == '__main__':

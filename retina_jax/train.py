@@ -324,6 +324,16 @@ class Preemption:
     return self.requested
 
 
+class Preempted(Exception):
+  """Training stopped early on a preemption request, after the checkpoint of `step` was saved
+  on every host; re-running the same command resumes there (main.py exits 143 for it)."""
+
+  def __init__(self, step: int, workdir: str):
+    super().__init__(f'Preempted: saved step {step} in {workdir}; re-run the same command to '
+                     'resume.')
+    self.step = step
+
+
 class NonFiniteError(RuntimeError):
   pass
 
@@ -355,7 +365,10 @@ def write_config(config: ml_collections.ConfigDict, workdir: str):
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
-  """Trains (resuming from the newest checkpoint in `workdir`), evaluates, returns the state."""
+  """Trains (resuming from the newest checkpoint in `workdir`), evaluates, returns the state.
+
+  Raises Preempted when a preemption request stopped it early (its checkpoint is saved).
+  """
   from retina_jax import evaluate as evaluate_lib  # The evaluation side imports train helpers.
 
   validate_config(config)
@@ -440,8 +453,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
       if preemption.reached(step):
         ckpt.save(manager, state, force=True)
         manager.wait_until_finished()
-        logging.info('Preempted: saved step %d; re-run the same command to resume.', step)
-        return state
+        raise Preempted(step, workdir)
       if _every(step, config.log_every_steps) or is_last:
         check_finite()
         summary = jax.tree.map(lambda *x: float(np.mean(x)), *jax.device_get(pending))

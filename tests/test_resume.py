@@ -64,7 +64,7 @@ def test_killed_run_resumes_bitwise_and_restores_on_other_device_counts(shapes_r
 
 
 @pytest.mark.slow
-def test_sigterm_saves_and_stops(shapes_root, tmp_path):
+def test_sigterm_saves_stops_and_exits_143(shapes_root, tmp_path):
   overrides = {**TINY, 'data.root': shapes_root, 'num_train_steps': 10_000,
                'checkpoint_every_steps': 10_000}
   workdir = str(tmp_path)
@@ -75,6 +75,7 @@ def test_sigterm_saves_and_stops(shapes_root, tmp_path):
     time.sleep(0.05)
   proc.send_signal(signal.SIGTERM)
   _, err = proc.communicate(timeout=120)
-  assert proc.returncode == 0, err[-3000:]
+  # Non-zero, so that a scheduler restarts it; only after the save completed.
+  assert proc.returncode == 143, err[-3000:]
   _, step = ckpt.restore_variables(workdir)
-  assert step >= 2 and 'Preempted' in err
+  assert step >= 2 and f'Preempted: saved step {step}' in err
