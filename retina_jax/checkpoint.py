@@ -7,10 +7,11 @@ examples an uninterrupted one would. Restoring takes the target shardings from t
 mesh, so a checkpoint written on N devices restores on any other number.
 """
 
+import logging
 from typing import Any
 
-from flax import traverse_util
 import jax
+from jax.experimental import multihost_utils
 import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
@@ -37,52 +38,110 @@ def save(manager: ocp.CheckpointManager, state: Any, force: bool = False) -> boo
   return manager.save(step, args=ocp.args.StandardSave(state), force=force)
 
 
-def _first_mismatch(path: epath.Path, abstract_state: Any) -> str:
-  """'params/x/kernel: (3, 3, 64, 64) saved, (3, 3, 32, 32) now' for the first model variable
-  whose saved shape differs from `abstract_state`'s, or whatever is missing on either side."""
-  try:
-    saved = ocp.PyTreeCheckpointer().metadata(path).item_metadata.tree
-  except Exception:  # pylint: disable=broad-except
-    return ''  # Unreadable metadata: the restore error is all there is to say.
-  for collection in ('params', 'batch_stats'):
-    ours = traverse_util.flatten_dict(getattr(abstract_state, collection, {}), sep='/')
-    theirs = traverse_util.flatten_dict(saved.get(collection) or {}, sep='/')
-    for key in sorted(set(ours) | set(theirs)):
-      old, new = theirs.get(key), ours.get(key)
-      if old is None or new is None or tuple(old.shape) != tuple(new.shape):
-        describe = lambda x: 'absent' if x is None else str(tuple(x.shape))
-        return f'{collection}/{key}: {describe(old)} saved, {describe(new)} now'
+def _name(path: tuple) -> str:
+  """'opt_state/inner_states/train/0/trace/conv/kernel' for a key path of the state or of its
+  saved metadata (attributes there are dict keys)."""
+  return '/'.join(str(getattr(k, 'key', getattr(k, 'name', getattr(k, 'idx', k)))) for k in path)
+
+
+def _shapes_by_name(tree: Any) -> dict[str, tuple[int, ...]]:
+  leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+  return {_name(path): tuple(leaf.shape) for path, leaf in leaves}
+
+
+def _first_mismatch(saved: Any, abstract_state: Any) -> str:
+  """'params/x/kernel: (3, 3, 64, 64) saved, (3, 3, 32, 32) now' for the first array of the
+  saved tree (its orbax metadata) whose shape differs from `abstract_state`'s, or that only one
+  side has; model variables first, for the clearest message."""
+  theirs, ours = _shapes_by_name(saved), _shapes_by_name(abstract_state)
+  model_first = lambda k: (not k.startswith(('params/', 'batch_stats/')), k)
+  for key in sorted(set(ours) | set(theirs), key=model_first):
+    old, new = theirs.get(key), ours.get(key)
+    if old != new:
+      describe = lambda x: 'absent' if x is None else str(x)
+      return f'{key}: {describe(old)} saved, {describe(new)} now'
   return ''
 
 
+def _first_line(error: BaseException) -> str:
+  """What is wrong, in one line: the root cause (orbax wraps TensorStore's errors, which name
+  the file, in pages of its spec), first line only."""
+  while error.__cause__ is not None:
+    error = error.__cause__
+  return (str(error).strip().splitlines() or [type(error).__name__])[0][:300]
+
+
+def _readable_metadata(step_dir: epath.Path) -> Any:
+  """The saved tree's array metadata; raises if the checkpoint cannot be read."""
+  return ocp.PyTreeCheckpointer().metadata(step_dir / 'default').item_metadata.tree
+
+
 def restore_latest(manager: ocp.CheckpointManager, abstract_state: Any) -> Any | None:
-  """The newest complete checkpoint laid out like `abstract_state` (shapes and shardings).
+  """The newest readable checkpoint laid out like `abstract_state` (shapes and shardings).
 
   A checkpoint written under another config (another model size, norm or optimiser) stops with
-  the first variable that differs and what to do, instead of orbax's error about one array.
+  the first array that differs and what to do, instead of orbax's error about one array. A
+  damaged one (a file truncated or deleted) is moved aside to `<step>.damaged`, with one
+  warning line naming it and the step resumed from instead; when no checkpoint is readable,
+  all stay where they are and it stops with their paths.
   """
-  step = manager.latest_step()
-  if step is None:
-    return None
-  def does_not_fit(why: str) -> ValueError:
-    return ValueError(
-        f'Checkpoint {step} in {manager.directory} does not fit the train state of this config '
-        f'({why}): it was written under another config (model shape, norm or optimiser). '
-        'Re-run with the config that wrote it (config.json beside checkpoints/), or train in a '
-        'new --workdir.')
+  directory = epath.Path(manager.directory)
+  damaged = []  # (step, why), newest first.
+  for step in sorted(manager.all_steps(), reverse=True):
+    try:
+      mismatch = _first_mismatch(_readable_metadata(directory / str(step)), abstract_state)
+    except Exception as e:  # pylint: disable=broad-except
+      damaged.append((step, _first_line(e)))
+      continue
+    if mismatch:
+      raise ValueError(
+          f'Checkpoint {step} in {directory} does not fit the train state of this config '
+          f'({mismatch}): it was written under another config (model shape, norm or optimiser). '
+          'Re-run with the config that wrote it (config.json beside checkpoints/), or train in a '
+          'new --workdir.')
+    try:
+      # The tree fits, so whatever fails now is in the files: TensorStore raises plain
+      # Exceptions for a truncated or missing array file.
+      restored = manager.restore(step, args=ocp.args.StandardRestore(abstract_state))
+    except Exception as e:  # pylint: disable=broad-except
+      damaged.append((step, _first_line(e)))
+      continue
+    if damaged:
+      _set_aside(manager, damaged, step)
+    return restored
+  if damaged:
+    raise _unreadable(directory, damaged)
+  return None
 
-  mismatch = _first_mismatch(epath.Path(manager.directory) / str(step) / 'default',
-                             abstract_state)
-  if mismatch:
-    raise does_not_fit(mismatch)
-  try:
-    return manager.restore(step, args=ocp.args.StandardRestore(abstract_state))
-  except (ValueError, KeyError, TypeError) as e:  # E.g. another optimiser's state.
-    raise does_not_fit((str(e).strip().splitlines() or [type(e).__name__])[0]) from e
+
+class DamagedCheckpointError(RuntimeError):
+  pass
+
+
+def _unreadable(directory: epath.Path, damaged: list[tuple[int, str]]) -> DamagedCheckpointError:
+  return DamagedCheckpointError(
+      f'No readable checkpoint in {directory}: '
+      + '; '.join(f'step {s} at {directory / str(s)}: {why}' for s, why in damaged)
+      + '. Put back an intact copy of one, or move checkpoints/ away to train afresh.')
+
+
+def _set_aside(manager: ocp.CheckpointManager, damaged: list[tuple[int, str]], resumed: int):
+  """Renames damaged step folders to `<step>.damaged` (kept for inspection; orbax no longer
+  sees them, so the step can be saved again), on host 0, with one warning line for each."""
+  directory = epath.Path(manager.directory)
+  for step, why in damaged:
+    path = directory / str(step)
+    if jax.process_index() == 0:
+      path.rename(directory / f'{step}.damaged')
+    logging.warning('Checkpoint step %d at %s is damaged (%s): moved it to %s.damaged and '
+                    'resuming from step %d.', step, path, why, path, resumed)
+  multihost_utils.sync_global_devices('retina_jax: damaged checkpoints set aside')
+  manager.reload()
 
 
 def restore_variables(workdir: str, step: int | None = None) -> tuple[dict[str, Any], int]:
-  """Model variables {'params', 'batch_stats'} of the newest (or given) checkpoint, on host.
+  """Model variables {'params', 'batch_stats'} of the newest readable (or the given) checkpoint,
+  on host; skipping a damaged newest one says so in one warning line.
 
   Reads only the parameter subtrees, never the optimiser state, and needs no train state or
   mesh, so evaluation and export run on any device count.
@@ -91,17 +150,32 @@ def restore_variables(workdir: str, step: int | None = None) -> tuple[dict[str, 
   if step is None:
     manager = ocp.CheckpointManager(
         directory, options=ocp.CheckpointManagerOptions(read_only=True, create=False))
-    step = manager.latest_step()
-  if step is None:
+    steps = sorted(manager.all_steps(), reverse=True)
+  else:
+    steps = [step]
+  if not steps:
     raise FileNotFoundError(
         f'No checkpoint in {directory}: train first (python -m retina_jax.main --workdir '
         f'{workdir} ...) or pass exported parameters with --params.')
-  path = directory / str(step) / 'default'
+  damaged = []
+  for s in steps:
+    try:
+      variables = _read_variables(directory / str(s) / 'default')
+    except Exception as e:  # pylint: disable=broad-except
+      damaged.append((s, _first_line(e)))
+      continue
+    for bad, why in damaged:
+      logging.warning('Checkpoint step %d at %s is damaged (%s): reading step %d instead.', bad,
+                      directory / str(bad), why, s)
+    return variables, s
+  raise _unreadable(directory, damaged)
+
+
+def _read_variables(path: epath.Path) -> dict[str, Any]:
   checkpointer = ocp.PyTreeCheckpointer()
   tree = checkpointer.metadata(path).item_metadata.tree
   wanted = {k: tree[k] for k in ('params', 'batch_stats')}
-  restored = checkpointer.restore(path, args=ocp.args.PyTreeRestore(
+  return checkpointer.restore(path, args=ocp.args.PyTreeRestore(
       item=wanted,
       restore_args=jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), wanted),
       partial_restore=True))
-  return restored, step

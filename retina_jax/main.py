@@ -19,6 +19,7 @@ from absl import logging
 import jax
 from ml_collections import config_flags
 
+from retina_jax import checkpoint
 from retina_jax import cli
 from retina_jax import train
 
@@ -71,6 +72,10 @@ def main(argv):
   except train.Preempted as e:
     logging.warning('%s', e)
     sys.exit(EXIT_PREEMPTED)
+  except (train.NonFiniteError, checkpoint.DamagedCheckpointError) as e:
+    # The message says what happened, where and what to do: no traceback above it.
+    logging.error('%s', e)
+    sys.exit(1)
 
 
 if __name__ == '__main__':
