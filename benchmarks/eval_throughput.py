@@ -18,7 +18,7 @@ import jax
 import numpy as np
 
 from retina_jax import config as config_lib
-from retina_jax import evaluate
+from retina_jax.evaluation import evaluator
 from retina_jax import models
 from retina_jax.data import pipeline
 from retina_jax.evaluation import coco_eval
@@ -45,7 +45,7 @@ def ours(config):
                                     config.data.image_size)
 
   def run():
-    return evaluate.evaluate_variables(config, variables, workdir='')
+    return evaluator.evaluate_variables(config, variables, workdir='')
 
   return run
 

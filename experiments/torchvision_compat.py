@@ -6,7 +6,7 @@ Labels are torchvision's 91-id COCO indices (its cls_logits has 91 rows, 0 = bac
 """
 
 from retina_jax import config as config_lib
-from retina_jax import export
+from retina_jax.data import categories
 
 
 def get_config(arg=None):
@@ -24,7 +24,7 @@ def get_config(arg=None):
   config.model.norm = 'frozen_bn'
   config.model.dtype = 'float32'
   config.model.num_classes = 91
-  config.categories = export.torchvision_coco_v1().to_json()  # category_id = label.
+  config.categories = categories.torchvision_coco_v1().to_json()  # category_id = label.
 
   config.postprocess.max_detections = 300
   config.loss.box_loss = 'l1'  # torchvision v1 regresses boxes with plain L1.

@@ -1,9 +1,15 @@
 """Command-line parsing shared by the entry points (main, export, evaluate, predict)."""
 
+import functools
 import re
 import sys
+from typing import Callable
 
 from absl import app
+from absl import flags
+from ml_collections import config_flags
+
+from retina_jax import saved_config
 
 
 def _message(error: BaseException) -> str:
@@ -41,3 +47,28 @@ def parse_flags(argv: list[str]) -> list[str]:
                      f'{path!r}. {hint + " " if hint else ""}Only the fields of the config '
                      'can be overridden (see retina_jax/config.py).\n')
     sys.exit(1)
+
+
+def define_config_flag(default: str):
+  """--config of evaluate, export and predict; `default` says which saved config.json is used
+  when it is not given (`saved_config.config_dir`)."""
+  return config_flags.DEFINE_config_file('config', None, f'Config file; default: {default}.',
+                                         lock_config=True)
+
+
+def define_params_flag():
+  return flags.DEFINE_string('params', '', 'Export directory (python -m retina_jax.export) or '
+                             'its params.msgpack.')
+
+
+def run_with_saved_config(main: Callable[[dict, list[str]], None],
+                          define_flags: Callable[[], dict]):
+  """Runs `main(flags, argv)` of evaluate, export or predict.
+
+  The flags of `define_flags()` are defined only now, so that importing such a module defines
+  none; without a --config the saved config of `saved_config.config_dir` is the config, so that
+  `--config.x=y` overrides apply to it too.
+  """
+  fl = define_flags()
+  argv = saved_config.with_saved_config(sys.argv, saved_config.config_dir(sys.argv))
+  app.run(functools.partial(main, fl), argv=argv, flags_parser=parse_flags)

@@ -17,7 +17,6 @@ Output, in the original image's pixels:
   --out:  the image with the detections scoring >= --display_threshold drawn (display only).
 """
 
-import functools
 import json
 import os
 import sys
@@ -25,11 +24,9 @@ import sys
 from absl import app
 from absl import flags
 import numpy as np
-from ml_collections import config_flags
 from PIL import Image
 
 from retina_jax import cli
-from retina_jax import export as export_lib
 from retina_jax import inference
 from retina_jax import saved_config
 from retina_jax import visualize
@@ -102,11 +99,9 @@ def output_problem(out: str, json_path: str) -> str:
 
 
 def _define_flags():
-  """Flags exist only when this module is the program, so importing it defines none."""
   return {
-      'config': config_flags.DEFINE_config_file(
-          'config', None, 'Config file; default: the exported config.json.', lock_config=True),
-      'params': flags.DEFINE_string('params', '', 'Export directory or its params.msgpack.'),
+      'config': cli.define_config_flag('the exported config.json'),
+      'params': cli.define_params_flag(),
       'image': flags.DEFINE_string('image', '', 'Input image (any format PIL reads).'),
       'out': flags.DEFINE_string('out', '', 'Picture with the detections drawn (PNG/JPEG).'),
       'json': flags.DEFINE_string('json', '', 'All final detections as JSON.'),
@@ -125,8 +120,8 @@ def main(fl, argv):
     sys.exit(f'predict: {problem}')
   config = fl['config'].value
   params_dir = saved_config.export_dir(params)
-  variables = export_lib.load_params(params)
-  categories = export_lib.resolve_categories(config, params_dir)
+  variables = saved_config.load_params(params)
+  categories = saved_config.resolve_categories(config, params_dir)
   try:
     image = load_image(image_path)
   except coco_format.BadImageError as e:
@@ -146,15 +141,5 @@ def main(fl, argv):
           + ' '.join(f'{v:.1f}' for v in d['bbox']))
 
 
-def _saved_config_dir(argv) -> str:
-  return saved_config.export_dir(saved_config.flag_value(argv, 'params'))
-
-
-def run():
-  fl = _define_flags()
-  argv = saved_config.with_saved_config(sys.argv, _saved_config_dir(sys.argv))
-  app.run(functools.partial(main, fl), argv=argv, flags_parser=cli.parse_flags)
-
-
 if __name__ == '__main__':
-  run()
+  cli.run_with_saved_config(main, _define_flags)

@@ -1,4 +1,7 @@
-"""A saved config.json as an ml_collections config file, so saved configs take overrides too.
+"""What a training directory or an export saved, read back: the config, the category map, the
+parameters.
+
+A saved config.json as an ml_collections config file, so saved configs take overrides too.
 
 `evaluate`, `export` and `predict` accept the same `--config.x=y` overrides as training, and
 ml_collections applies overrides only to a config that came from a `--config=FILE[:ARG]` flag.
@@ -13,11 +16,15 @@ field then still parses as a tuple); fields the base config does not know are ke
 import json
 import os
 
+import flax.serialization
 import ml_collections
 
 from retina_jax.config import get_base_config
+from retina_jax.data.categories import CategoryMap
 
 CONFIG_JSON = 'config.json'
+PARAMS_FILE = 'params.msgpack'
+CATEGORIES_FILE = 'categories.json'
 
 
 def _merge(base: ml_collections.ConfigDict, saved: dict) -> None:
@@ -76,6 +83,15 @@ def flag_value(argv: list[str], name: str) -> str:
   return ''
 
 
+def config_dir(argv: list[str]) -> str:
+  """Where evaluate, export and predict take the config from when argv names no --config: the
+  --workdir when it holds a config.json, else the folder of --params (an export), else --workdir."""
+  workdir = flag_value(argv, 'workdir')
+  if workdir and os.path.exists(os.path.join(workdir, CONFIG_JSON)):
+    return workdir
+  return export_dir(flag_value(argv, 'params')) or workdir
+
+
 def export_dir(params: str) -> str:
   """The folder of exported parameters given as the folder or as a file in it ('' for '').
 
@@ -86,3 +102,50 @@ def export_dir(params: str) -> str:
     return ''
   path = os.path.abspath(params)
   return path if os.path.isdir(path) else os.path.dirname(path)
+
+
+def load_params(path: str) -> dict:
+  """{'params', 'batch_stats'} from an export directory (or its params.msgpack file)."""
+  if os.path.isdir(path):
+    path = os.path.join(path, PARAMS_FILE)
+  if not os.path.exists(path):
+    raise FileNotFoundError(f'No exported parameters at {path}; write them with '
+                            '`python -m retina_jax.export --workdir DIR --out PATH`.')
+  with open(path, 'rb') as f:
+    return flax.serialization.msgpack_restore(f.read())
+
+
+def load_categories(directory: str) -> CategoryMap | None:
+  """The CategoryMap saved in a directory: its categories.json (an export), else the
+  `categories` that training stored in its config.json (a workdir); None when neither has one."""
+  path = os.path.join(directory, CATEGORIES_FILE)
+  if os.path.exists(path):
+    with open(path) as f:
+      return CategoryMap.from_json(f.read())
+  path = os.path.join(directory, CONFIG_JSON)
+  if os.path.exists(path):
+    with open(path) as f:
+      stored = json.load(f).get('categories')
+    if stored:
+      return CategoryMap.from_json(stored)
+  return None
+
+
+def resolve_categories(config, *directories: str, source=None) -> CategoryMap:
+  """The label <-> category id map a model was trained with.
+
+  In order: `config.categories` (the JSON training stores in its config, or an experiment's own
+  map such as torchvision's 91 ids), the map saved in the first directory that has one
+  (`load_categories`: an export's categories.json or a workdir's config.json, so that a
+  `--config experiments/...` given to evaluate or export still labels with the training
+  data's ids), the categories of `source`, the categories of the config's eval split.
+  """
+  if config.get('categories'):
+    return CategoryMap.from_json(config.categories)
+  for d in directories:
+    if d and (cats := load_categories(d)) is not None:
+      return cats
+  if source is None:
+    from retina_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+    source = pipeline.create_source(config.data, config.data.eval_split)
+  return source.categories

@@ -32,6 +32,7 @@ from retina_jax import models
 from retina_jax import sharding as sharding_lib
 from retina_jax.data import pipeline
 from retina_jax.evaluation import coco_eval
+from retina_jax.evaluation import evaluator
 
 
 @flax.struct.dataclass
@@ -369,8 +370,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
 
   Raises Preempted when a preemption request stopped it early (its checkpoint is saved).
   """
-  from retina_jax import evaluate as evaluate_lib  # The evaluation side imports train helpers.
-
   validate_config(config)
   epath.Path(workdir).mkdir(parents=True, exist_ok=True)
   mesh = sharding_lib.make_mesh(config)
@@ -427,7 +426,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
 
   def run_eval(step):
     variables = {'params': state.params, 'batch_stats': state.batch_stats}
-    eval_metrics = evaluate_lib.evaluate_variables(config, variables, workdir, mesh=mesh)
+    eval_metrics = evaluator.evaluate_variables(config, variables, workdir, mesh=mesh)
     logger.write(step, {k: v for k, v in eval_metrics.items() if isinstance(v, (int, float))},
                  prefix='eval')
     if jax.process_index() == 0:

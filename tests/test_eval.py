@@ -240,7 +240,7 @@ def coco_dir(tmp_path_factory):
 @pytest.mark.slow
 @pytest.mark.parametrize('sizes', [None, (64, 128, 160)])
 def test_evaluate_variables_matches_single_image_prediction(coco_dir, tmp_path, sizes):
-  from retina_jax import evaluate as evaluate_lib  # pylint: disable=g-import-not-at-top
+  from retina_jax.evaluation import evaluator  # pylint: disable=g-import-not-at-top
   from retina_jax import inference  # pylint: disable=g-import-not-at-top
   from retina_jax import predict as predict_lib  # pylint: disable=g-import-not-at-top
   root, gt = coco_dir
@@ -250,7 +250,7 @@ def test_evaluate_variables_matches_single_image_prediction(coco_dir, tmp_path, 
   config.num_demo_pictures = 2
   variables = tiny_detector.random_variables(config)
   # 6 images, global batch 4 over the 4 fake devices: the second batch has 2 padding rows.
-  metrics = evaluate_lib.evaluate_variables(config, variables, str(tmp_path))
+  metrics = evaluator.evaluate_variables(config, variables, str(tmp_path))
   assert set(coco_eval.METRIC_NAMES) <= set(metrics)
   assert set(metrics['per_class_AP']) == set(tiny_detector.CATEGORIES.names)
   assert all(0.0 <= metrics[n] <= 1.0 or metrics[n] == -1.0 for n in coco_eval.METRIC_NAMES)
@@ -279,7 +279,7 @@ def test_evaluate_variables_matches_single_image_prediction(coco_dir, tmp_path, 
 
 @pytest.mark.slow
 def test_skipped_unreadable_image_is_left_out_of_the_metrics(coco_dir, tmp_path, monkeypatch):
-  from retina_jax import evaluate as evaluate_lib  # pylint: disable=g-import-not-at-top
+  from retina_jax.evaluation import evaluator  # pylint: disable=g-import-not-at-top
   calls = []
   real = coco_eval.evaluate_detections
   monkeypatch.setattr(coco_eval, 'evaluate_detections',
@@ -293,7 +293,7 @@ def test_skipped_unreadable_image_is_left_out_of_the_metrics(coco_dir, tmp_path,
   config = tiny_detector.coco_dir_config(str(root))
   config.data.skip_bad_images = True
   variables = tiny_detector.random_variables(config)
-  metrics = evaluate_lib.evaluate_variables(config, variables, str(tmp_path / 'out'))
+  metrics = evaluator.evaluate_variables(config, variables, str(tmp_path / 'out'))
   results = json.loads((tmp_path / 'out' / 'detections_val.json').read_text())
   assert victim['id'] not in {r['image_id'] for r in results}
   seen = [im['id'] for im in gt['images'] if im['id'] != victim['id']]
@@ -332,11 +332,11 @@ _EVAL_WORKER = textwrap.dedent('''
   jax.config.update('jax_cpu_collectives_implementation', 'gloo')
   port, pid, root, out = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
   jax.distributed.initialize(f'127.0.0.1:{port}', num_processes=2, process_id=pid)
-  from retina_jax import evaluate
+  from retina_jax.evaluation import evaluator
   from tests import tiny_detector
   config = tiny_detector.coco_dir_config(root)
   variables = tiny_detector.random_variables(config)
-  metrics = evaluate.evaluate_variables(config, variables, out if pid == 0 else '')
+  metrics = evaluator.evaluate_variables(config, variables, out if pid == 0 else '')
   print('AP', metrics['AP'])
 ''')
 
@@ -344,7 +344,7 @@ _EVAL_WORKER = textwrap.dedent('''
 @pytest.mark.slow
 def test_two_host_evaluation_equals_one_host(coco_dir, tmp_path):
   """2 processes x 2 devices, global eval batch 4 split 2 + 2, 6 images: same detections."""
-  from retina_jax import evaluate as evaluate_lib  # pylint: disable=g-import-not-at-top
+  from retina_jax.evaluation import evaluator  # pylint: disable=g-import-not-at-top
   root, _ = coco_dir
   with socket.socket() as s:
     s.bind(('127.0.0.1', 0))
@@ -364,7 +364,7 @@ def test_two_host_evaluation_equals_one_host(coco_dir, tmp_path):
 
   config = tiny_detector.coco_dir_config(root)
   one_dir = tmp_path / 'one_host'
-  evaluate_lib.evaluate_variables(config, tiny_detector.random_variables(config), str(one_dir))
+  evaluator.evaluate_variables(config, tiny_detector.random_variables(config), str(one_dir))
   one = json.loads((one_dir / 'detections_val.json').read_text())
   key = lambda r: (r['image_id'], -round(r['score'], 4), r['category_id'])
   assert len(two) == len(one)

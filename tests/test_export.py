@@ -14,6 +14,7 @@ import pytest
 from retina_jax import export as export_lib
 from retina_jax import inference
 from retina_jax import saved_config
+from retina_jax.data import categories
 from tests import tiny_detector
 
 # Runs in a fresh interpreter: only jax, flax.serialization and numpy, never retina_jax.
@@ -81,7 +82,7 @@ def test_params_config_and_categories_round_trip(tmp_path):
   export_lib.write_export(out_dir, config, variables, tiny_detector.CATEGORIES, batch_size=1,
                           platforms=('cpu',))
 
-  restored = export_lib.load_params(out_dir)
+  restored = saved_config.load_params(out_dir)
   assert set(restored) == {'params', 'batch_stats'}
   flat_in = dict(_flatten(variables))
   flat_out = dict(_flatten(restored))
@@ -92,7 +93,7 @@ def test_params_config_and_categories_round_trip(tmp_path):
   loaded = saved_config.load(out_dir)
   assert loaded.to_dict() == config.to_dict()
   assert isinstance(loaded.anchors.sizes, tuple)  # Typed as in the base config, not a list.
-  assert export_lib.resolve_categories(loaded, out_dir) == tiny_detector.CATEGORIES
+  assert saved_config.resolve_categories(loaded, out_dir) == tiny_detector.CATEGORIES
   signature = json.loads((tmp_path / 'export' / 'signature.json').read_text())
   assert signature['batch_size'] == 1 and signature['image_size'] == 128
   assert signature['platforms'] == ['cpu']
@@ -100,11 +101,11 @@ def test_params_config_and_categories_round_trip(tmp_path):
 
 def test_config_categories_take_precedence(tmp_path):
   config = tiny_detector.tiny_config()
-  tv = export_lib.torchvision_coco_v1()
+  tv = categories.torchvision_coco_v1()
   assert tv.ids == tuple(range(91)) and tv.names[1] == 'person' and tv.names[90] == 'toothbrush'
   config.categories = tv.to_json()
   (tmp_path / 'categories.json').write_text(tiny_detector.CATEGORIES.to_json())
-  assert export_lib.resolve_categories(config, str(tmp_path)) == tv
+  assert saved_config.resolve_categories(config, str(tmp_path)) == tv
 
 
 def test_saved_config_flag_injection():
@@ -140,11 +141,12 @@ def test_export_cli_from_checkpoint_then_evaluate_exported(tmp_path):
   proc = subprocess.run([sys.executable, '-m', 'retina_jax.export', f'--workdir={workdir}',
                          f'--out={out}'], env=env, capture_output=True, text=True, timeout=300)
   assert proc.returncode == 0, proc.stderr[-3000:]
-  flat_in, flat_out = dict(_flatten(variables)), dict(_flatten(export_lib.load_params(str(out))))
+  flat_in = dict(_flatten(variables))
+  flat_out = dict(_flatten(saved_config.load_params(str(out))))
   assert flat_in.keys() == flat_out.keys()  # Parameters only: no step, no optimizer state.
   for k, v in flat_in.items():
     np.testing.assert_array_equal(flat_out[k], v, err_msg=k)
-  assert export_lib.load_categories(str(out)) == tiny_detector.CATEGORIES
+  assert saved_config.load_categories(str(out)) == tiny_detector.CATEGORIES
 
   # The export is all evaluation needs: no --config, no workdir.
   proc = subprocess.run([sys.executable, '-m', 'retina_jax.evaluate', f'--params={out}'],
@@ -157,13 +159,13 @@ def test_export_cli_from_checkpoint_then_evaluate_exported(tmp_path):
   # The parameters file itself, named from inside the export (its folder is then '').
   (out / 'detections_val.json').unlink()
   proc = subprocess.run([sys.executable, '-m', 'retina_jax.evaluate',
-                         f'--params={export_lib.PARAMS_FILE}'], cwd=str(out), env=env,
+                         f'--params={saved_config.PARAMS_FILE}'], cwd=str(out), env=env,
                         capture_output=True, text=True, timeout=300)
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert json.loads((out / 'detections_val.json').read_text()) == results
   image = root / 'val' / gt['images'][0]['file_name']
   proc = subprocess.run([sys.executable, '-m', 'retina_jax.predict',
-                         f'--params={export_lib.PARAMS_FILE}', f'--image={image}',
+                         f'--params={saved_config.PARAMS_FILE}', f'--image={image}',
                          '--json=p.json'], cwd=str(out), env=env, capture_output=True, text=True,
                         timeout=300)
   assert proc.returncode == 0, proc.stderr[-3000:]
@@ -193,7 +195,7 @@ def test_exported_detector_on_gpu_matches_cpu(tmp_path):
   export_lib.write_export(out_dir, config, variables, tiny_detector.CATEGORIES)
   with open(os.path.join(out_dir, 'detect.jax_exported'), 'rb') as f:
     detect = jax.export.deserialize(bytearray(f.read()))
-  params = export_lib.load_params(out_dir)
+  params = saved_config.load_params(out_dir)
   images, image_hw = tiny_detector.random_images(3, config.data.image_size)
   outs = []
   for device in (jax.devices('cpu')[0], _cuda_devices()[0]):
@@ -215,4 +217,4 @@ def test_categories_come_from_the_workdir_when_the_config_file_has_none(tmp_path
   (tmp_path / 'config.json').write_text(stored.to_json_best_effort())
   config = tiny_detector.tiny_config()
   config.data.name = 'no_such_data_set'
-  assert export_lib.resolve_categories(config, str(tmp_path)) == tiny_detector.CATEGORIES
+  assert saved_config.resolve_categories(config, str(tmp_path)) == tiny_detector.CATEGORIES

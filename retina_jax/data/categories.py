@@ -98,3 +98,32 @@ class CategoryMap:
   @classmethod
   def from_json(cls, text: str) -> 'CategoryMap':
     return cls.from_dict(json.loads(text))
+
+
+def torchvision_coco_v1() -> CategoryMap:
+  """torchvision's COCO detection labels: label l is COCO category id l (0..90), with its names.
+
+  torchvision's detection models predict in COCO's 91-id space (index 0 and the 10 unused ids
+  are 'N/A' / '__background__'), so for them category_id = label.
+  """
+  try:
+    from torchvision.models import detection  # pylint: disable=g-import-not-at-top
+    names = detection.RetinaNet_ResNet50_FPN_Weights.COCO_V1.meta['categories']
+  except ImportError:
+    names = _TORCHVISION_COCO_NAMES
+  return CategoryMap(ids=tuple(range(len(names))), names=tuple(names))
+
+
+# torchvision.models.detection._meta._COCO_CATEGORIES, for when torchvision is not installed.
+_TORCHVISION_COCO_NAMES = (
+    '__background__', 'person', 'bicycle', 'car', 'motorcycle', 'airplane', 'bus', 'train',
+    'truck', 'boat', 'traffic light', 'fire hydrant', 'N/A', 'stop sign', 'parking meter',
+    'bench', 'bird', 'cat', 'dog', 'horse', 'sheep', 'cow', 'elephant', 'bear', 'zebra',
+    'giraffe', 'N/A', 'backpack', 'umbrella', 'N/A', 'N/A', 'handbag', 'tie', 'suitcase',
+    'frisbee', 'skis', 'snowboard', 'sports ball', 'kite', 'baseball bat', 'baseball glove',
+    'skateboard', 'surfboard', 'tennis racket', 'bottle', 'N/A', 'wine glass', 'cup', 'fork',
+    'knife', 'spoon', 'bowl', 'banana', 'apple', 'sandwich', 'orange', 'broccoli', 'carrot',
+    'hot dog', 'pizza', 'donut', 'cake', 'chair', 'couch', 'potted plant', 'bed', 'N/A',
+    'dining table', 'N/A', 'N/A', 'toilet', 'N/A', 'tv', 'laptop', 'mouse', 'remote', 'keyboard',
+    'cell phone', 'microwave', 'oven', 'toaster', 'sink', 'refrigerator', 'N/A', 'book', 'clock',
+    'vase', 'scissors', 'teddy bear', 'hair drier', 'toothbrush')

@@ -1,6 +1,7 @@
 """COCO evaluation: detections -> COCO results list -> the 12 COCO numbers and per-class AP.
 
-Flow in `retina_jax.evaluate` (and the periodic evaluation of training):
+Flow in `retina_jax.evaluation.evaluator` (`retina_jax.evaluate` and the periodic evaluation of
+training):
   1. every host runs the detector on its part of each eval batch and keeps fixed-size padded
      numpy arrays (`DetectionAccumulator`), boxes already in original-image pixels;
   2. `gather_and_dedupe` all-gathers them from every host and keeps each image id once, so

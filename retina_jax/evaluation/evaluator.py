@@ -1,0 +1,132 @@
+"""Evaluating a set of variables: the detector over an eval split, COCO metrics, output files.
+
+Used by the `retina_jax.evaluate` entry point and by the periodic evaluation of training. Every
+host runs the same call; each evaluates its share of the images, the detections are gathered to
+every host and each image counts once (`coco_eval.gather_and_dedupe`).
+"""
+
+import json
+import os
+
+from absl import logging
+import jax
+from jax.experimental import multihost_utils
+import numpy as np
+from etils import epath
+
+from retina_jax import inference
+from retina_jax import saved_config
+from retina_jax import sharding as sharding_lib
+from retina_jax import visualize
+from retina_jax.data import pipeline
+from retina_jax.evaluation import coco_eval
+
+# Compiled detectors by config, so that periodic evaluation during training compiles once.
+_DETECT_CACHE = {}
+
+
+def _sharded_detect(config, mesh):
+  key = (config.to_json_best_effort(), mesh)
+  if key not in _DETECT_CACHE:
+    batch = sharding_lib.batch_sharding(mesh)
+    _DETECT_CACHE[key] = jax.jit(
+        inference.make_detect_fn(config),
+        in_shardings=(sharding_lib.replicated(mesh), batch, batch), out_shardings=batch)
+  return _DETECT_CACHE[key]
+
+
+def run_detector(config, variables, source, categories, mesh, num_pictures: int = 0,
+                 image_hw=None):
+  """Detections of this host's share of the eval images.
+
+  image_hw: original (h, w) of the eval images, which picks each one's canvas
+  (`pipeline.eval_canvas`); every batch is S x S without it.
+
+  Returns:
+    (arrays, pictures): arrays as `coco_eval.DetectionAccumulator.arrays` with boxes in
+    original-image pixels; up to `num_pictures` PIL images of the first eval images with their
+    detections drawn (resized image, as the model saw it).
+  """
+  local_batch = sharding_lib.check_batch_size(config.eval_batch_size, mesh,
+                                              'config.eval_batch_size')
+  detect = _sharded_detect(config, mesh)
+  variables = jax.device_put(variables, sharding_lib.replicated(mesh))
+  spec = sharding_lib.batch_sharding(mesh).spec
+  acc = coco_eval.DetectionAccumulator()
+  pictures = []
+
+  def collect(dets, host_batch):
+    dets = multihost_utils.global_array_to_host_local_array(dets, mesh, spec)
+    dets = jax.tree.map(np.asarray, dets)
+    for i in np.flatnonzero(host_batch['example_valid'])[:num_pictures - len(pictures)]:
+      h, w = host_batch['image_hw'][i]
+      pictures.append(visualize.draw_detections(
+          host_batch['image'][i, :h, :w], dets['boxes'][i], dets['scores'][i],
+          dets['labels'][i], categories.names, score_threshold=0.3, valid=dets['valid'][i],
+          min_side=256))
+    orig = inference.to_original_coords(dets, host_batch['scale'], host_batch['orig_hw'])
+    acc.add(host_batch['image_id'], host_batch['example_valid'], orig['boxes'], orig['scores'],
+            orig['labels'], orig['valid'])
+
+  # One batch in flight: the device runs batch b while the host collects batch b - 1.
+  in_flight = None
+  for host_batch in pipeline.eval_batches(source, config.data, config.eval_batch_size,
+                                          num_images=config.data.max_eval_images,
+                                          image_hw=image_hw):
+    if host_batch['image'].shape[0] != local_batch:
+      raise ValueError(f'Eval batch of {host_batch["image"].shape[0]} images on this host; '
+                       f'expected {local_batch} (config.eval_batch_size / hosts).')
+    inputs = sharding_lib.to_global(
+        {'image': host_batch['image'], 'image_hw': host_batch['image_hw']}, mesh)
+    dets = detect(variables, inputs['image'], inputs['image_hw'])
+    if in_flight is not None:
+      collect(*in_flight)
+    in_flight = (dets, host_batch)
+  if in_flight is not None:
+    collect(*in_flight)
+  return acc.arrays(), pictures
+
+
+def evaluate_variables(config, variables, workdir: str, mesh=None, split: str = '',
+                       categories_dir: str = '') -> dict:
+  """Evaluates `variables` on `split` (config.data.eval_split by default); writes into workdir.
+
+  Args:
+    config: the full config.
+    variables: {'params', 'batch_stats'}, numpy or replicated jax arrays.
+    workdir: where detections_<split>.json etc. go ('' writes nothing).
+    mesh: the device mesh; `sharding.make_mesh(config)` when None.
+    split: the split to evaluate.
+    categories_dir: a directory whose categories.json maps labels to category ids when the
+      config carries no map (`saved_config.resolve_categories`).
+  Returns:
+    The metrics of `coco_eval.evaluate_detections` (12 floats and 'per_class_AP').
+  """
+  split = split or config.data.eval_split
+  mesh = mesh if mesh is not None else sharding_lib.make_mesh(config)
+  source = pipeline.create_source(config.data, split)
+  categories = saved_config.resolve_categories(config, categories_dir, workdir, source=source)
+  if categories.num_classes != config.model.num_classes:
+    raise ValueError(f'The category map has {categories.num_classes} categories but '
+                     f'config.model.num_classes={config.model.num_classes}.')
+  num_pictures = int(config.get('num_demo_pictures', 0))
+  gt = source.coco_gt(config.data.max_eval_images)
+  image_hw = [(im['height'], im['width']) for im in gt['images']]
+  local, pictures = run_detector(config, variables, source, categories, mesh, num_pictures,
+                                 image_hw=image_hw)
+  dets = coco_eval.gather_and_dedupe(local)
+  results = coco_eval.to_coco_results(dets, categories.ids)
+  skipped = len(gt['images']) - len(dets['image_id'])
+  if skipped:  # Unreadable images under config.data.skip_bad_images.
+    logging.warning('%d of the %d images of %r were skipped as unreadable and are left out of '
+                    'the metrics.', skipped, len(gt['images']), split)
+  metrics = coco_eval.evaluate_detections(gt, results, image_ids=dets['image_id'])
+  logging.info('Evaluated %d images of %r: AP %.4f', len(dets['image_id']), split, metrics['AP'])
+  if jax.process_index() == 0 and workdir:
+    out = epath.Path(workdir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f'detections_{split}.json').write_text(json.dumps(results))
+    (out / f'metrics_{split}.json').write_text(json.dumps(metrics, indent=2))
+    if pictures:
+      visualize.grid(pictures).save(os.fspath(out / f'predictions_{split}.png'))
+  return metrics
