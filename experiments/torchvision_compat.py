@@ -3,6 +3,10 @@ predict what torchvision predicts: `python scripts/convert_torchvision.py IN.pth
 `--config experiments/torchvision_compat.py --config.init_from=OUT`.
 
 Labels are torchvision's 91-id COCO indices (its cls_logits has 91 rows, 0 = background unused).
+
+Argument: version=v1 (default, `retinanet_resnet50_fpn`) | v2 (`retinanet_resnet50_fpn_v2`: P6
+from C5, GroupNorm heads, GIoU box loss). Models trained under either export back to torchvision
+(`python -m retina_jax.export --format torchvision`).
 """
 
 from retina_jax import config as config_lib
@@ -10,7 +14,9 @@ from retina_jax.data import categories
 
 
 def get_config(arg=None):
-  del arg  # No arguments: every field is a torchvision convention.
+  arg = config_lib.parse_arg(arg, version='v1')
+  if arg.version not in ('v1', 'v2'):
+    raise ValueError(f'torchvision_compat.py:version={arg.version}: expected v1 or v2.')
   config = config_lib.get_base_config()
 
   config.anchors.offset = 0.0  # Anchor centres at i * stride.
@@ -28,6 +34,10 @@ def get_config(arg=None):
 
   config.postprocess.max_detections = 300
   config.loss.box_loss = 'l1'  # torchvision v1 regresses boxes with plain L1.
+  if arg.version == 'v2':
+    config.model.p6_from = 'c5'  # LastLevelP6P7(2048, 256).
+    config.model.head_norm = 'gn'  # RetinaNetHead(norm_layer=partial(nn.GroupNorm, 32)).
+    config.loss.box_loss = 'giou'
   config.data.min_size = 800
   config.data.max_size = 1333
   return config

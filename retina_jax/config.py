@@ -50,6 +50,8 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.model.fpn_channels = 256
   config.model.head_channels = 256
   config.model.head_convs = 4
+  # none (paper, torchvision v1) | gn: GroupNorm(32) after each head conv (torchvision v2).
+  config.model.head_norm = 'none'
   config.model.min_level = 3
   config.model.max_level = 7
   config.model.p6_from = 'c5'  # c5 (paper, detectron2) | p5 (torchvision v1, TF TPU)

@@ -6,7 +6,8 @@ or a training checkpoint holding one: see `load_torch_state_dict`):
   reported as unused;
 - a torchvision `retinanet_resnet50_fpn` (v1) detector: backbone.body.*, backbone.fpn.*, head.*,
   in the current key layout (`inner_blocks.0.0.weight`, `conv.0.0.weight`) or the older one of the
-  published checkpoint (`inner_blocks.0.weight`, `conv.0.weight`, `conv.2.weight`, ...).
+  published checkpoint (`inner_blocks.0.weight`, `conv.0.weight`, `conv.2.weight`, ...);
+- a torchvision `retinanet_resnet50_fpn_v2` detector (P6 from C5, GroupNorm heads: `conv.{j}.1`).
 
 The architecture (depth, FPN levels and width, P6 source, classes, anchors) is read off the keys
 and shapes; the expected variables then come from our own model (`jax.eval_shape`, no compute),
@@ -14,9 +15,14 @@ and every expected leaf is looked up under its torchvision name. So "missing" me
 model has and the file lacks, "unexpected" a tensor in the file nobody reads.
 
 The output loads without torch (`load_variables`).
+
+The other way, `to_torchvision` gives the state dict (and the builder and its arguments) that
+torchvision's own model loads with strict=True, from the same key mapping (`_torch_keys`), for the
+configs torchvision has a model for (`torchvision_builder` says which fields must hold).
 """
 
 import dataclasses
+import math
 import re
 from typing import Any, Mapping
 
@@ -78,6 +84,8 @@ def _torch_keys(path: tuple[str, ...], body: str, min_level: int) -> list[str]:
   sub = rest[0]
   if sub == 'out':
     return [f'{prefix}{out_name}.{name}']
+  if sub.startswith('norm'):  # GroupNorm heads (v2): Conv2dNormActivation's norm layer.
+    return [f'{prefix}conv.{sub[len("norm"):]}.1.{name}']
   j = int(sub[len('conv'):])
   # Before torchvision 0.13 a head conv was conv.{2j} of a (conv, relu, ...) Sequential.
   return [f'{prefix}conv.{j}.0.{name}', f'{prefix}conv.{2 * j}.{name}']
@@ -123,6 +131,8 @@ def _infer_architecture(sd: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
       'head_channels': cls_out[1],
       # conv.{j}.0 (current) or conv.{2j} (old): one distinct id per conv either way.
       'head_convs': len(ids(r'head\.classification_head\.conv\.(\d+)\.')),
+      # v2's heads: conv.{j}.0 (no bias), GroupNorm conv.{j}.1.
+      'head_norm': 'gn' if ids(r'head\.classification_head\.conv\.(\d+)\.1\.weight$') else 'none',
       'min_level': 6 - num_inner,
       'max_level': max(extra, default=5),
       # torchvision v1's LastLevelP6P7(256, 256) reads P5, (2048, 256) would read C5.
@@ -266,3 +276,98 @@ def restore_into(variables, loaded):
   # Empty collections stay: a GroupNorm model's batch_stats is {} and the train state needs it.
   skeleton = traverse_util.flatten_dict(variables, keep_empty_nodes=True, sep='/')
   return traverse_util.unflatten_dict({**skeleton, **merged}, sep='/'), not_loaded, unused
+
+
+# What torchvision's RetinaNet builders fix and a state dict cannot carry (config field -> the
+# value torchvision computes with): a config must hold all of them for torchvision's model to give
+# our detections. Post-processing and the resize sizes are arguments of the builder instead
+# (`torchvision_kwargs`).
+_TORCHVISION_FIXED = {
+    'model.backbone': 'resnet50', 'model.fpn_channels': 256, 'model.head_channels': 256,
+    'model.head_convs': 4, 'model.min_level': 3, 'model.max_level': 7,
+    'anchors.sizes': (32.0, 64.0, 128.0, 256.0, 512.0),
+    'anchors.scales': (1.0, 2 ** (1 / 3), 2 ** (2 / 3)), 'anchors.aspect_ratios': (0.5, 1.0, 2.0),
+    'anchors.order': 'ratio_major', 'anchors.offset': 0.0, 'anchors.truncate_sizes': True,
+    'anchors.round_base': True, 'anchors.stride_rule': 'image_over_grid',
+    'box_coder.weights': (1.0, 1.0, 1.0, 1.0), 'box_coder.clamp': math.log(1000.0 / 16),
+}
+# torchvision's two RetinaNet builders (torchvision.models.detection.<name>), told apart by these.
+TORCHVISION_BUILDERS = {
+    'retinanet_resnet50_fpn': {'model.p6_from': 'p5', 'model.head_norm': 'none'},
+    'retinanet_resnet50_fpn_v2': {'model.p6_from': 'c5', 'model.head_norm': 'gn'},
+}
+# Both build the ResNet with BatchNorm2d (FrozenBatchNorm2d with pretrained weights): in eval
+# mode either is our frozen_bn / bn with its running statistics.
+_TORCHVISION_NORMS = ('frozen_bn', 'bn')
+
+
+def _field(config, dotted: str):
+  value = config
+  for part in dotted.split('.'):
+    value = value[part]
+  return value
+
+
+def _same(a, b) -> bool:
+  if isinstance(b, tuple):
+    return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+  if isinstance(b, float):
+    return math.isclose(float(a), b, rel_tol=1e-9, abs_tol=1e-12)
+  return a == b
+
+
+def torchvision_builder(config) -> str:
+  """The torchvision builder whose model computes what `config` computes: P6 from P5 is
+  `retinanet_resnet50_fpn`, P6 from C5 `retinanet_resnet50_fpn_v2`. Raises ValueError, one line
+  naming the first field that must change, for a config torchvision has no model for."""
+  p6_from = config.model.p6_from
+  builder = next((b for b, fields in TORCHVISION_BUILDERS.items()
+                  if fields['model.p6_from'] == p6_from), None)
+  if builder is None:
+    raise ValueError(f'config.model.p6_from={p6_from!r}: torchvision has RetinaNet only with P6 '
+                     'from p5 (retinanet_resnet50_fpn) or c5 (retinanet_resnet50_fpn_v2).')
+  for field, want in _TORCHVISION_FIXED.items():
+    if not _same(got := _field(config, field), want):
+      raise ValueError(f'config.{field}={got!r}: torchvision\'s RetinaNet needs {want!r}.')
+  if config.model.norm not in _TORCHVISION_NORMS:
+    raise ValueError(f'config.model.norm={config.model.norm!r}: torchvision\'s RetinaNet has a '
+                     f'batch-norm ResNet; it needs one of {_TORCHVISION_NORMS}.')
+  for field, want in TORCHVISION_BUILDERS[builder].items():
+    if not _same(got := _field(config, field), want):
+      raise ValueError(f'config.{field}={got!r}: torchvision\'s {builder} (the one with '
+                       f'config.model.p6_from={p6_from!r}) needs {want!r}.')
+  return builder
+
+
+def torchvision_kwargs(config) -> dict[str, Any]:
+  """The builder's arguments that make its transform and post-processing ours (besides
+  weights=None, weights_backbone=None)."""
+  pp = config.postprocess
+  return {'num_classes': int(config.model.num_classes),
+          'min_size': int(config.data.min_size), 'max_size': int(config.data.max_size),
+          # torchvision normalises images in [0, 1]; ours are in [0, 255].
+          'image_mean': [float(m) / 255 for m in config.data.pixel_mean],
+          'image_std': [float(s) / 255 for s in config.data.pixel_std],
+          'score_thresh': float(pp.score_threshold), 'nms_thresh': float(pp.nms_iou),
+          'detections_per_img': int(pp.max_detections), 'topk_candidates': int(pp.pre_nms_topk)}
+
+
+def to_torchvision(variables, config) -> tuple[str, dict[str, Any], dict[str, np.ndarray]]:
+  """Our variables -> (builder, its kwargs, the state dict its model loads with strict=True).
+
+  The inverse of `convert_state_dict`: every leaf under its current-layout torchvision name
+  (`_torch_keys`), kernels HWIO -> OIHW, and the `num_batches_tracked` step counter (0) that
+  torch's BatchNorm2d keeps next to its statistics. Raises ValueError as `torchvision_builder`.
+  """
+  builder = torchvision_builder(config)
+  state_dict = {}
+  for path, value in traverse_util.flatten_dict(dict(variables)).items():
+    tree_path = tuple(str(k) for k in path[1:])  # Without the collection.
+    key = _torch_keys(tree_path, 'backbone.body.', config.model.min_level)[0]
+    value = np.asarray(value, np.float32)
+    if tree_path[-1] == 'kernel':
+      value = np.ascontiguousarray(value.transpose(3, 2, 0, 1))  # flax HWIO -> torch OIHW.
+    state_dict[key] = value
+    if tree_path[-1] == 'mean':
+      state_dict[key.removesuffix('running_mean') + 'num_batches_tracked'] = np.zeros((), np.int64)
+  return builder, torchvision_kwargs(config), state_dict

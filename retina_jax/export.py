@@ -1,9 +1,10 @@
 """Export trained parameters for evaluation and serving elsewhere.
 
-  python -m retina_jax.export --workdir DIR --out PATH [--config ...] [--config.x=y ...]
+  python -m retina_jax.export --workdir DIR --out PATH [--format jax|torchvision]
+      [--platforms cpu,cuda,tpu] [--config ...] [--config.x=y ...]
 
-PATH is a directory (the one format; chosen over a single file so that each part is readable
-with standard tools and the parameters load without the rest):
+PATH is a directory (chosen over a single file so that each part is readable with standard
+tools and the parameters load without the rest). --format jax (the default) writes:
   params.msgpack       {'params': ..., 'batch_stats': ...} as nested dicts of numpy arrays,
                        `flax.serialization.msgpack_serialize` format, no optimizer state.
   config.json          the resolved config (ml_collections to_json), enough to rebuild the
@@ -23,26 +24,42 @@ with standard tools and the parameters load without the rest):
                        category_ids [B, D] int32 data set ids, valid [B, D] bool.
   signature.json       B (null: any), S, D, the platforms the function was lowered for
                        (cpu, cuda and tpu by default), the resize rule.
+
+--format torchvision writes what torchvision's own RetinaNet loads (`convert.to_torchvision`;
+configs torchvision has no model for stop with one line naming the field):
+  model.pth            the state dict, `torch.save`d: load it with strict=True into
+  torchvision.json     {'builder': 'retinanet_resnet50_fpn' or '..._v2', 'kwargs': {num_classes,
+                       min_size, max_size, image_mean, image_std, score_thresh, nms_thresh,
+                       detections_per_img, topk_candidates}}:
+                         model = getattr(torchvision.models.detection, builder)(
+                             weights=None, weights_backbone=None, **kwargs)
+  categories.json      as above: torchvision's label l is category ids[l], called names[l].
 """
 
+import io
 import json
-import os
+import sys
 
 from absl import app
 from absl import flags
 from absl import logging
+from etils import epath
 import flax.serialization
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from retina_jax import cli
+from retina_jax import convert
 from retina_jax import inference
 from retina_jax import saved_config
 from retina_jax.data.categories import CategoryMap
 
 EXPORTED_FILE = 'detect.jax_exported'
 SIGNATURE_FILE = 'signature.json'
+TORCHVISION_WEIGHTS = 'model.pth'
+TORCHVISION_JSON = 'torchvision.json'
+FORMATS = ('jax', 'torchvision')
 # Lowering for a platform needs no such device here: one export serves CPU, GPU and TPU.
 DEFAULT_PLATFORMS = ('cpu', 'cuda', 'tpu')
 
@@ -87,7 +104,6 @@ def export_detector(config, variables, categories: CategoryMap, batch_size: int 
 def write_export(out_dir: str, config, variables, categories: CategoryMap, batch_size: int = 0,
                  platforms=DEFAULT_PLATFORMS) -> str:
   """Writes the export directory (module docstring); returns its path."""
-  os.makedirs(out_dir, exist_ok=True)
   variables = to_plain(variables)
   exported = export_detector(config, variables, categories, batch_size, platforms)
   files = {
@@ -106,12 +122,38 @@ def write_export(out_dir: str, config, variables, categories: CategoryMap, batch
                              'bottom/right with 0 (retina_jax.data.pipeline.preprocess)'},
       }, indent=2).encode(),
   }
-  for name, data in files.items():
-    tmp = os.path.join(out_dir, name + '.tmp')
-    with open(tmp, 'wb') as f:
-      f.write(data)
-    os.replace(tmp, os.path.join(out_dir, name))  # No half-written file under the real name.
+  _write_files(out_dir, files)
   return out_dir
+
+
+def write_torchvision(out_dir: str, config, variables, categories: CategoryMap) -> str:
+  """Writes the --format torchvision directory (module docstring); returns its path.
+
+  Raises ValueError naming the config field when torchvision has no model for the config.
+  """
+  builder, kwargs, state_dict = convert.to_torchvision(to_plain(variables), config)
+  try:
+    import torch  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    raise ImportError('--format torchvision writes a torch.save file and needs torch: '
+                      'pip install -r requirements-torch.txt') from None
+  weights = io.BytesIO()
+  torch.save({k: torch.tensor(v) for k, v in state_dict.items()}, weights)
+  _write_files(out_dir, {
+      TORCHVISION_WEIGHTS: weights.getvalue(),
+      TORCHVISION_JSON: json.dumps({'builder': builder, 'kwargs': kwargs}, indent=2).encode(),
+      saved_config.CATEGORIES_FILE: categories.to_json().encode(),
+  })
+  return out_dir
+
+
+def _write_files(out_dir: str, files: dict[str, bytes]) -> None:
+  out = epath.Path(out_dir)
+  out.mkdir(parents=True, exist_ok=True)
+  for name, data in files.items():
+    tmp = out / f'{name}.tmp'
+    tmp.write_bytes(data)
+    tmp.replace(out / name)  # No half-written file under the real name.
 
 
 def _define_flags():
@@ -119,6 +161,9 @@ def _define_flags():
       'config': cli.define_config_flag('DIR/config.json'),
       'workdir': flags.DEFINE_string('workdir', '', 'Training directory (newest checkpoint).'),
       'out': flags.DEFINE_string('out', '', 'Export directory to write.'),
+      'format': flags.DEFINE_enum('format', 'jax', FORMATS, 'jax: parameters, config and a '
+                                  'StableHLO detector; torchvision: a state dict for '
+                                  'torchvision\'s RetinaNet.'),
       'batch_size': flags.DEFINE_integer('batch_size', 0, 'Batch size of the serialized '
                                          'detector; 0: any (symbolic).'),
       'platforms': flags.DEFINE_list('platforms', list(DEFAULT_PLATFORMS),
@@ -134,10 +179,17 @@ def main(fl, argv):
   config = fl['config'].value
   variables, step = checkpoint.restore_variables(fl['workdir'].value)
   categories = saved_config.resolve_categories(config, fl['workdir'].value)
-  write_export(fl['out'].value, config, variables, categories, fl['batch_size'].value,
-               fl['platforms'].value)
+  if fl['format'].value == 'torchvision':
+    try:
+      write_torchvision(fl['out'].value, config, variables, categories)
+    except ValueError as e:  # The config field torchvision has no counterpart for.
+      sys.exit(f'export: {e}')
+  else:
+    write_export(fl['out'].value, config, variables, categories, fl['batch_size'].value,
+                 fl['platforms'].value)
   logging.info('Exported step %d of %s to %s', step, fl['workdir'].value, fl['out'].value)
-  print(f'Exported step {step} of {fl["workdir"].value} to {fl["out"].value}')
+  print(f'Exported step {step} of {fl["workdir"].value} to {fl["out"].value} '
+        f'({fl["format"].value})')
 
 
 if __name__ == '__main__':

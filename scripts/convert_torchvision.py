@@ -1,4 +1,4 @@
-"""Converts a torchvision ResNet (ImageNet) or RetinaNet state dict into retina_jax variables.
+"""Converts a torchvision ResNet (ImageNet) or RetinaNet (v1 or v2) state dict into retina_jax
 
   python scripts/convert_torchvision.py IN.pth OUT [--norm frozen_bn|bn] [--strict]
 

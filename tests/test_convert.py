@@ -252,16 +252,23 @@ def test_converted_retinanet_gives_torchvision_detections_end_to_end(torch_retin
   dets = detect(variables, jnp.asarray(image[None]), jnp.asarray([[288, 416]], jnp.int32))
   got = inference.to_original_coords(dets, [1.0], [[288, 416]])
   valid = got['valid'][0]
-  got = {'boxes': got['boxes'][0][valid], 'scores': got['scores'][0][valid],
-         'labels': got['labels'][0][valid]}
   # Our labels are contiguous indices into the 91 torchvision rows: the same numbers.
+  assert_same_detections(want, {k: got[k][0][valid] for k in ('boxes', 'scores', 'labels')})
+
+
+def assert_same_detections(want, got, box_atol: float = 2e-3):
+  """torchvision's detections `want` and ours `got` ({'boxes' [N, 4] (x1, y1, x2, y2) image
+  pixels, 'scores' [N], 'labels' [N]}, valid ones only) are the same set: boxes within box_atol
+  pixels, scores within 1e-5.
+
+  One-to-one: each torchvision detection has its own detection of ours with the same label,
+  score and box (near-equal scores may come in another order, and boxes clipped to the same
+  degenerate box at the border differ only in score, so match on all three).
+  """
   assert len(got['scores']) == len(want['scores'])
-  # One-to-one: each torchvision detection has its own detection of ours with the same label,
-  # score and box (near-equal scores may come in another order, and boxes clipped to the same
-  # degenerate box at the border differ only in score, so match on all three).
   matched = set()
   for box, score, label in zip(want['boxes'], want['scores'], want['labels']):
-    diff = np.maximum(np.abs(got['boxes'] - box).max(axis=1) / 2e-3,
+    diff = np.maximum(np.abs(got['boxes'] - box).max(axis=1) / box_atol,
                       np.abs(got['scores'] - score) / 1e-5) + 1e9 * (got['labels'] != label)
     i = int(np.argmin(diff))
     assert diff[i] < 1, (box, score, label, got['boxes'][i], got['scores'][i])

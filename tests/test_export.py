@@ -147,6 +147,12 @@ def test_export_cli_from_checkpoint_then_evaluate_exported(tmp_path):
   for k, v in flat_in.items():
     np.testing.assert_array_equal(flat_out[k], v, err_msg=k)
   assert saved_config.load_categories(str(out)) == tiny_detector.CATEGORIES
+  # torchvision has no tiny ResNet: one line naming the field, nothing written.
+  proc = subprocess.run([sys.executable, '-m', 'retina_jax.export', f'--workdir={workdir}',
+                         f'--out={tmp_path / "tv"}', '--format=torchvision'], env=env,
+                        capture_output=True, text=True, timeout=300)
+  assert proc.returncode != 0 and "config.model.backbone='tiny'" in proc.stderr, proc.stderr
+  assert 'Traceback' not in proc.stderr and not (tmp_path / 'tv').exists()
 
   # The export is all evaluation needs: no --config, no workdir.
   proc = subprocess.run([sys.executable, '-m', 'retina_jax.evaluate', f'--params={out}'],

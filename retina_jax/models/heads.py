@@ -2,7 +2,8 @@
 
 Parameter tree of one head (flax names; torchvision's in brackets, for the class head
 `head.classification_head.*`, for the box head `head.regression_head.*`):
-  conv{j} [conv.{j}.0] for j < head_convs, out [cls_logits | bbox_reg].
+  conv{j} [conv.{j}.0] for j < head_convs, out [cls_logits | bbox_reg];
+  with norm 'gn' also norm{j} [conv.{j}.1], and conv{j} has no bias (torchvision v2).
 """
 
 import math
@@ -12,6 +13,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from retina_jax.models import layers
+from retina_jax.models import resnet
 
 _head_init = nn.initializers.normal(stddev=0.01)
 
@@ -22,7 +24,8 @@ def prior_bias(prior_prob: float):
 
 
 class Head(nn.Module):
-  """num_convs x (3x3 conv + ReLU) then a 3x3 conv to A * per_anchor outputs, on every level.
+  """num_convs x (3x3 conv [+ GroupNorm] + ReLU) then a 3x3 conv to A * per_anchor outputs, on
+  every level.
 
   Output [B, sum_l H_l * W_l * A, per_anchor] float32, levels concatenated in the order given,
   within a level row-major (y, x) then anchor: head channel c is anchor c // per_anchor,
@@ -33,18 +36,27 @@ class Head(nn.Module):
   channels: int = 256
   num_convs: int = 4
   out_bias_init: Any = nn.initializers.zeros
+  norm: str = 'none'  # none (paper, torchvision v1) | gn (torchvision v2, detectron2 'GN')
   dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, levels):  # levels: list of [B, H_l, W_l, C]
-    convs = [layers.Conv(self.channels, 3, padding=1, dtype=self.dtype, kernel_init=_head_init,
-                         name=f'conv{j}') for j in range(self.num_convs)]
+    if self.norm not in ('none', 'gn'):
+      raise ValueError(f'Unknown config.model.head_norm {self.norm!r}; expected none or gn.')
+    gn = self.norm == 'gn'
+    # A bias before GroupNorm would be subtracted again with the group mean.
+    convs = [layers.Conv(self.channels, 3, padding=1, use_bias=not gn, dtype=self.dtype,
+                         kernel_init=_head_init, name=f'conv{j}') for j in range(self.num_convs)]
+    # Shared across levels like the convs; each level is normalised over its own pixels.
+    norms = [resnet.GroupNorm(dtype=self.dtype, name=f'norm{j}') if gn else None
+             for j in range(self.num_convs)]
     out = layers.Conv(self.num_anchors * self.per_anchor, 3, padding=1, dtype=self.dtype,
                       kernel_init=_head_init, bias_init=self.out_bias_init, name='out')
     outputs = []
     for x in levels:
-      for conv in convs:
-        x = nn.relu(conv(x))
+      for conv, norm in zip(convs, norms):
+        x = conv(x)
+        x = nn.relu(norm(x) if norm is not None else x)
       x = out(x)  # [B, H, W, A * per_anchor]
       outputs.append(x.reshape(x.shape[0], -1, self.per_anchor))
     return jnp.concatenate(outputs, axis=1).astype(jnp.float32)

@@ -45,7 +45,7 @@ class RetinaNet(nn.Module):
     levels = [pyramid[f'p{l}'] for l in range(cfg.min_level, cfg.max_level + 1)]
     head = lambda per_anchor, bias_init, name: heads.Head(
         self.num_anchors, per_anchor, channels=cfg.head_channels, num_convs=cfg.head_convs,
-        out_bias_init=bias_init, dtype=dtype, name=name)
+        out_bias_init=bias_init, norm=cfg.head_norm, dtype=dtype, name=name)
     cls_logits = head(cfg.num_classes, heads.prior_bias(cfg.prior_prob), 'cls_head')(levels)
     box_deltas = head(4, nn.initializers.zeros, 'box_head')(levels)
     return {'cls_logits': cls_logits, 'box_deltas': box_deltas}
