@@ -1,11 +1,15 @@
 """A/B of the CPU conv formulation in `retina_jax/models/layers.py`, one process, interleaved.
 
-  python -m benchmarks.cpu_conv_ab [--rounds 6]
+  python -m benchmarks.cpu_conv_ab [--rounds 6] [--old einsum|trace-time]
 
-'new' is the code as it is: weight-gradient GEMMs on 2-D [pixels, channels] views and 1x1
-convolutions with an explicit VJP. 'old' is the formulation before commit 6da6196, patched in:
-4-D einsums, autodiff for 1x1 (XLA CPU then copied gradients into transposed layouts). Both are
-the R50-FPN train step of `compare_torchvision --what train` (batch 2, 512 px, fp32).
+'new' is the code as it is. 'old' is patched in:
+- einsum: the formulation before commit 6da6196: 4-D einsums, autodiff for 1x1 (XLA CPU then
+  copied gradients into transposed layouts), where 'new' has weight-gradient GEMMs on 2-D
+  [pixels, channels] views and 1x1 convolutions with an explicit VJP;
+- trace-time: the CPU formulation called directly, as when `conv2d` chose it from
+  `jax.default_backend()` at trace time, where 'new' chooses it per platform when lowering
+  (`lax.platform_dependent`).
+Both are the R50-FPN train step of `compare_torchvision --what train` (batch 2, 512 px, fp32).
 """
 
 import argparse
@@ -28,9 +32,17 @@ def _old_conv2d(x, kernel, stride=1, pad=0):
   return layers._conv_gemm_wgrad(x, kernel, stride, pad)  # pylint: disable=protected-access
 
 
+def _trace_time_conv2d(x, kernel, stride=1, pad=0):
+  # pylint: disable=protected-access
+  if kernel.shape[0] == 1 and kernel.shape[1] == 1 and pad == 0:
+    return layers._conv1x1(x, kernel, stride)
+  return layers._conv_gemm_wgrad(x, kernel, stride, pad)
+
+
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   parser.add_argument('--rounds', type=int, default=6)
+  parser.add_argument('--old', choices=('einsum', 'trace-time'), default='einsum')
   args = parser.parse_args(argv)
   bench = argparse.Namespace(precision='fp32', batch=2, height=512, width=512, num_boxes=8,
                              device='cpu')
@@ -38,7 +50,10 @@ def main(argv=None):
   runs = {'new': compare_torchvision.ours_train(bench, *batch)[0]}
   # The step is traced and compiled inside ours_train, so patching first gives the old program.
   saved = layers._pixels_contraction, layers.conv2d  # pylint: disable=protected-access
-  layers._pixels_contraction, layers.conv2d = _old_pixels_contraction, _old_conv2d
+  if args.old == 'einsum':
+    layers._pixels_contraction, layers.conv2d = _old_pixels_contraction, _old_conv2d
+  else:
+    layers.conv2d = _trace_time_conv2d
   try:
     runs['old'] = compare_torchvision.ours_train(bench, *batch)[0]
   finally:

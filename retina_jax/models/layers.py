@@ -107,11 +107,16 @@ def conv2d(x, kernel, stride: int = 1, pad: int = 0):
 
   Zero padding of `pad` on every side, exactly as PyTorch's Conv2d(padding=pad).
   """
-  if jax.default_backend() != 'cpu':
-    return _xla_conv(x, kernel, stride, pad)
   if kernel.shape[0] == 1 and kernel.shape[1] == 1 and pad == 0:
-    return _conv1x1(x, kernel, stride)
-  return _conv_gemm_wgrad(x, kernel, stride, pad)
+    cpu = lambda x_, k_: _conv1x1(x_, k_, stride)
+  else:
+    cpu = lambda x_, k_: _conv_gemm_wgrad(x_, k_, stride, pad)
+  # Chosen when lowering for each platform, not from the host's backend at trace time: an
+  # ahead-of-time compile for TPU made on a CPU host, or a jax.export for ('cpu', 'cuda', 'tpu'),
+  # gets the native convolution on the accelerators. Lowered for one platform, only its branch
+  # is emitted.
+  return jax.lax.platform_dependent(x, kernel, cpu=cpu,
+                                    default=lambda x_, k_: _xla_conv(x_, k_, stride, pad))
 
 
 class Conv(nn.Module):
