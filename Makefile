@@ -4,6 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 STAMP_TORCH := $(VENV)/.installed-torch
+STAMP_TPU := $(VENV)/.installed-tpu
 PYTEST_ARGS ?=
 
 .PHONY: demo test venv clean
@@ -21,12 +22,16 @@ $(STAMP_TORCH): $(STAMP) requirements-torch.txt
 	$(BIN)/python -m pip install -q -r requirements-torch.txt
 	touch $@
 
+$(STAMP_TPU): $(STAMP) requirements-tpu.txt
+	$(BIN)/python -m pip install -q -r requirements-tpu.txt
+	touch $@
+
 venv: $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/python -m retina_jax.main --config experiments/smoke/shapes_demo.py --workdir workdirs/demo
 
-test: $(STAMP_TORCH)
+test: $(STAMP_TORCH) $(STAMP_TPU)
 	$(BIN)/python -m pytest -n 2 --dist loadfile $(PYTEST_ARGS)
 
 clean:
