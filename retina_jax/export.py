@@ -22,8 +22,14 @@ tools and the parameters load without the rest). --format jax (the default) writ
                        boxes [B, D, 4] float32 (x1, y1, x2, y2) padded-image pixels,
                        scores [B, D] float32, labels [B, D] int32 contiguous,
                        category_ids [B, D] int32 data set ids, valid [B, D] bool.
-  signature.json       B (null: any), S, D, the platforms the function was lowered for
-                       (cpu, cuda and tpu by default), the resize rule.
+  detect_{H}x{W}.jax_exported
+                       the same detector for each canvas evaluation pads into
+                       (config.data.eval_buckets='orientation': landscape and portrait,
+                       e.g. 800x1344 and 1344x800), images [B, H, W, 3]: what `evaluate` and
+                       `predict` compute, where the S x S detector sees more padding.
+  signature.json       B (null: any), S, D, the platforms the functions were lowered for
+                       (cpu, cuda and tpu by default), the resize rule, and 'canvases': for
+                       'landscape' (width >= height) and 'portrait' images the file, H and W.
 
 --format torchvision writes what torchvision's own RetinaNet loads (`convert.to_torchvision`;
 configs torchvision has no model for stop with one line naming the field):
@@ -53,6 +59,7 @@ from retina_jax import cli
 from retina_jax import convert
 from retina_jax import inference
 from retina_jax import saved_config
+from retina_jax.data import pipeline
 from retina_jax.data.categories import CategoryMap
 
 EXPORTED_FILE = 'detect.jax_exported'
@@ -73,15 +80,17 @@ def to_plain(variables) -> dict:
 
 
 def export_detector(config, variables, categories: CategoryMap, batch_size: int = 0,
-                    platforms=DEFAULT_PLATFORMS) -> jax.export.Exported:
-  """The detector as a `jax.export.Exported` for [B, S, S, 3] uint8 images.
+                    platforms=DEFAULT_PLATFORMS, canvas=None) -> jax.export.Exported:
+  """The detector as a `jax.export.Exported` for [B, H, W, 3] uint8 images.
 
   Args:
-    config: the full config; S = config.data.image_size.
+    config: the full config.
     variables: as `to_plain` returns (the structure the exported function is called with).
     categories: maps the contiguous labels to data set ids inside the function.
     batch_size: B of the exported signature; 0 exports a symbolic B (any batch size).
     platforms: what to lower for, e.g. ('cpu', 'cuda', 'tpu'); the current backend when None.
+    canvas: (H, W); (S, S), S = config.data.image_size, when None. The anchors are constants
+      for it, so every canvas is its own function.
   """
   detect = inference.make_detect_fn(config)
   cat_ids = np.asarray(categories.ids, np.int32)
@@ -93,9 +102,10 @@ def export_detector(config, variables, categories: CategoryMap, batch_size: int 
     return dets
 
   s = int(config.data.image_size)
+  h, w = (s, s) if canvas is None else canvas
   b = batch_size if batch_size > 0 else jax.export.symbolic_shape('b')[0]
   args = (jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), variables),
-          jax.ShapeDtypeStruct((b, s, s, 3), jnp.uint8),
+          jax.ShapeDtypeStruct((b, h, w, 3), jnp.uint8),
           jax.ShapeDtypeStruct((b, 2), jnp.int32))
   kwargs = {} if platforms is None else {'platforms': tuple(platforms)}
   return jax.export.export(serve, **kwargs)(*args)
@@ -104,17 +114,26 @@ def export_detector(config, variables, categories: CategoryMap, batch_size: int 
 def write_export(out_dir: str, config, variables, categories: CategoryMap, batch_size: int = 0,
                  platforms=DEFAULT_PLATFORMS) -> str:
   """Writes the export directory (module docstring); returns its path."""
+  s = int(config.data.image_size)
+  detectors = {EXPORTED_FILE: (s, s)}
+  canvases = {}
+  for images, (h, w) in pipeline.eval_canvases(config.data).items():
+    name = EXPORTED_FILE if (h, w) == (s, s) else f'detect_{h}x{w}.jax_exported'
+    detectors[name] = (h, w)
+    canvases[images] = {'file': name, 'height': h, 'width': w}
   variables = to_plain(variables)
-  exported = export_detector(config, variables, categories, batch_size, platforms)
+  exported = {name: export_detector(config, variables, categories, batch_size, platforms, hw)
+              for name, hw in detectors.items()}
   files = {
       saved_config.PARAMS_FILE: flax.serialization.msgpack_serialize(variables),
       saved_config.CONFIG_JSON: config.to_json_best_effort(indent=2).encode(),
       saved_config.CATEGORIES_FILE: categories.to_json().encode(),
-      EXPORTED_FILE: bytes(exported.serialize()),
+      **{name: bytes(e.serialize()) for name, e in exported.items()},
       SIGNATURE_FILE: json.dumps({
-          'batch_size': batch_size or None, 'image_size': int(config.data.image_size),
+          'batch_size': batch_size or None, 'image_size': s,
           'max_detections': int(config.postprocess.max_detections),
-          'platforms': list(exported.platforms),
+          'platforms': list(exported[EXPORTED_FILE].platforms),
+          'canvases': canvases,
           'resize': {'min_size': int(config.data.min_size), 'max_size': int(config.data.max_size),
                      'rule': 'scale = min(min_size / shorter side, max_size / longer side, '
                              'image_size / longer side); each side resized to '
@@ -179,14 +198,14 @@ def main(fl, argv):
   config = fl['config'].value
   variables, step = checkpoint.restore_variables(fl['workdir'].value)
   categories = saved_config.resolve_categories(config, fl['workdir'].value)
-  if fl['format'].value == 'torchvision':
-    try:
+  try:
+    if fl['format'].value == 'torchvision':
       write_torchvision(fl['out'].value, config, variables, categories)
-    except ValueError as e:  # The config field torchvision has no counterpart for.
-      sys.exit(f'export: {e}')
-  else:
-    write_export(fl['out'].value, config, variables, categories, fl['batch_size'].value,
-                 fl['platforms'].value)
+    else:
+      write_export(fl['out'].value, config, variables, categories, fl['batch_size'].value,
+                   fl['platforms'].value)
+  except ValueError as e:  # A config field the format has no counterpart for, named.
+    sys.exit(f'export: {e}')
   logging.info('Exported step %d of %s to %s', step, fl['workdir'].value, fl['out'].value)
   print(f'Exported step {step} of {fl["workdir"].value} to {fl["out"].value} '
         f'({fl["format"].value})')

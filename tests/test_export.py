@@ -17,8 +17,10 @@ from retina_jax import saved_config
 from retina_jax.data import categories
 from tests import tiny_detector
 
-# Runs in a fresh interpreter: only jax, flax.serialization and numpy, never retina_jax.
+# Runs in a fresh interpreter: only jax, flax.serialization and numpy, never retina_jax. Calls
+# every detector of the export on its own canvas's images.
 _CONSUMER = textwrap.dedent('''
+  import json
   import sys
   import flax.serialization
   import jax
@@ -26,11 +28,15 @@ _CONSUMER = textwrap.dedent('''
   export_dir, io_file = sys.argv[1], sys.argv[2]
   with open(f'{export_dir}/params.msgpack', 'rb') as f:
     variables = flax.serialization.msgpack_restore(f.read())
-  with open(f'{export_dir}/detect.jax_exported', 'rb') as f:
-    detect = jax.export.deserialize(bytearray(f.read()))
-  inputs = np.load(io_file + '.in.npz')
-  out = detect.call(variables, inputs['images'], inputs['image_hw'])
-  np.savez(io_file + '.out.npz', **{k: np.asarray(v) for k, v in out.items()})
+  with open(f'{export_dir}/signature.json') as f:
+    signature = json.load(f)
+  files = {'detect.jax_exported'} | {c['file'] for c in signature['canvases'].values()}
+  for name in sorted(files):
+    with open(f'{export_dir}/{name}', 'rb') as f:
+      detect = jax.export.deserialize(bytearray(f.read()))
+    inputs = np.load(f'{io_file}.{name}.in.npz')
+    out = detect.call(variables, inputs['images'], inputs['image_hw'])
+    np.savez(f'{io_file}.{name}.out.npz', **{k: np.asarray(v) for k, v in out.items()})
   assert not any(m.startswith('retina_jax') for m in sys.modules), 'imported retina_jax'
   print('OK')
 ''')
@@ -39,17 +45,30 @@ _CONSUMER = textwrap.dedent('''
 @pytest.mark.slow
 def test_exported_detector_runs_without_our_code(tmp_path):
   config = tiny_detector.tiny_config()
+  config.data.min_size = 96  # Orientation canvases 96 x 128 and 128 x 96 besides 128 x 128.
   variables = tiny_detector.random_variables(config)
   cats = tiny_detector.CATEGORIES
   out_dir = str(tmp_path / 'export')
   export_lib.write_export(out_dir, config, variables, cats)  # Any batch size, 3 platforms.
   assert sorted(os.listdir(out_dir)) == sorted([
       'params.msgpack', 'config.json', 'categories.json', 'detect.jax_exported',
-      'signature.json'])
+      'detect_96x128.jax_exported', 'detect_128x96.jax_exported', 'signature.json'])
+  signature = json.loads((tmp_path / 'export' / 'signature.json').read_text())
+  assert signature['batch_size'] is None
+  assert signature['platforms'] == ['cpu', 'cuda', 'tpu']
+  assert signature['canvases'] == {
+      'landscape': {'file': 'detect_96x128.jax_exported', 'height': 96, 'width': 128},
+      'portrait': {'file': 'detect_128x96.jax_exported', 'height': 128, 'width': 96}}
 
-  images, image_hw = tiny_detector.random_images(3, config.data.image_size)
   io_file = str(tmp_path / 'io')
-  np.savez(io_file + '.in.npz', images=images, image_hw=image_hw)
+  canvases = {'detect.jax_exported': (128, 128), 'detect_96x128.jax_exported': (96, 128),
+              'detect_128x96.jax_exported': (128, 96)}
+  inputs = {}
+  for seed, (name, (h, w)) in enumerate(canvases.items()):
+    images, image_hw = tiny_detector.random_images(3, max(h, w), seed=seed)
+    images, image_hw = images[:, :h, :w], np.minimum(image_hw, [h, w]).astype(np.int32)
+    inputs[name] = (np.ascontiguousarray(images), image_hw)
+    np.savez(f'{io_file}.{name}.in.npz', images=inputs[name][0], image_hw=image_hw)
   script = tmp_path / 'consumer.py'
   script.write_text(_CONSUMER)
   env = dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS='')
@@ -57,21 +76,20 @@ def test_exported_detector_runs_without_our_code(tmp_path):
   proc = subprocess.run([sys.executable, str(script), out_dir, io_file], cwd=str(tmp_path),
                         env=env, capture_output=True, text=True, timeout=300)
   assert proc.returncode == 0, proc.stderr[-3000:]
-  exported = dict(np.load(io_file + '.out.npz'))
 
   # The child ran on the CPU (JAX_PLATFORMS=cpu): compare on the same backend, also on a GPU
   # machine, where the default device would round differently.
   cpu = jax.devices('cpu')[0]
-  ours = inference.make_detect_fn(config)(*jax.device_put((variables, images, image_hw), cpu))
-  assert set(exported) == {'boxes', 'scores', 'labels', 'category_ids', 'valid'}
-  for k in ('boxes', 'scores', 'labels', 'valid'):
-    np.testing.assert_array_equal(exported[k], np.asarray(ours[k]), err_msg=k)
-  assert exported['valid'].any(), 'the tiny model should detect something'
-  signature = json.loads((tmp_path / 'export' / 'signature.json').read_text())
-  assert signature['batch_size'] is None
-  assert signature['platforms'] == ['cpu', 'cuda', 'tpu']
-  np.testing.assert_array_equal(exported['category_ids'],
-                                np.asarray(cats.ids)[exported['labels']])
+  detect = inference.make_detect_fn(config)
+  for name, (images, image_hw) in inputs.items():
+    exported = dict(np.load(f'{io_file}.{name}.out.npz'))
+    ours = detect(*jax.device_put((variables, images, image_hw), cpu))
+    assert set(exported) == {'boxes', 'scores', 'labels', 'category_ids', 'valid'}
+    for k in ('boxes', 'scores', 'labels', 'valid'):
+      np.testing.assert_array_equal(exported[k], np.asarray(ours[k]), err_msg=f'{name} {k}')
+    assert exported['valid'].any(), 'the tiny model should detect something'
+    np.testing.assert_array_equal(exported['category_ids'],
+                                  np.asarray(cats.ids)[exported['labels']])
 
 
 def test_params_config_and_categories_round_trip(tmp_path):

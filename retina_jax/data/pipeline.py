@@ -114,6 +114,19 @@ def eval_canvas(data_config, h: int, w: int) -> tuple[int, int]:
   return canvas_for(data_config, h, w, data_config.get('eval_buckets', 'orientation'))
 
 
+def eval_canvases(data_config) -> dict[str, tuple[int, int]]:
+  """Every canvas `eval_canvas` pads into, by the images it takes: {'landscape': (Hc, Wc) for
+  width >= height, 'portrait': ...} under 'orientation', {'any': (S, S)} under 'square'."""
+  buckets = data_config.get('eval_buckets', 'orientation')
+  if buckets == 'orientation':
+    return {'landscape': canvas_for(data_config, 1, 1, buckets),
+            'portrait': canvas_for(data_config, 2, 1, buckets)}
+  if buckets == 'square':
+    return {'any': canvas_for(data_config, 1, 1, buckets)}
+  raise ValueError(f'config.data.eval_buckets={buckets!r} has no fixed set of canvases; '
+                   'export with --config.data.eval_buckets=orientation or square.')
+
+
 def preprocess(example: dict, *, min_size: int, max_size: int, image_size: int, max_boxes: int,
                flip: bool, image_out: np.ndarray | None = None,
                canvas: tuple[int, int] | None = None) -> dict[str, Any]:
