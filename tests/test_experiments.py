@@ -10,6 +10,7 @@ import pytest
 
 from retina_jax import config as config_lib
 from retina_jax import hyper
+from tests import tiny_detector
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -140,12 +141,52 @@ def test_sweep_script_skips_finished_runs_and_resumes_the_others(tmp_path):
 def test_launch_pod_dry_run_prints_gcloud_for_all_workers():
   out = subprocess.run(
       ['bash', os.path.join(ROOT, 'scripts', 'launch_pod.sh'), '--name', 'v4-32', '--zone',
-       'us-central2-b', '--dry-run', '--', '-m', 'retina_jax.main', '--config',
+       'us-central2-b', '--skip-plan', '--dry-run', '--', '-m', 'retina_jax.main', '--config',
        'experiments/retinanet_r50_coco.py', '--workdir', 'gs://b/r50'],
       capture_output=True, text=True, check=True)
   assert 'gcloud compute tpus tpu-vm ssh v4-32' in out.stdout
   assert '--worker=all' in out.stdout and 'retina_jax.main' in out.stdout
   assert '--distributed' in out.stdout
+
+
+# The demo config shrunk to the tiny test model: pod_plan compiles it in seconds.
+_TINY_DEMO = ['--config', 'experiments/smoke/shapes_demo.py:batch=8', '--config.data.image_size=64',
+              '--config.data.min_size=64', '--config.data.max_size=64',
+              '--config.model.fpn_channels=16', '--config.model.head_channels=16',
+              '--config.model.head_convs', '1', '--config.eval_batch_size=4']
+
+
+def _launch_pod(*args):
+  return subprocess.run(
+      ['bash', os.path.join(ROOT, 'scripts', 'launch_pod.sh'), '--name', 'my-v5e', '--zone', 'z',
+       *args], capture_output=True, text=True, cwd=ROOT,
+      env=tiny_detector.subprocess_env(PYTHON=sys.executable, JAX_PLATFORMS='cpu'))
+
+
+def test_launch_pod_plans_the_run_for_the_topology_before_any_gcloud_command():
+  pytest.importorskip('libtpu', reason='pod_plan needs the TPU runtime (requirements-tpu.txt)')
+  out = _launch_pod('--topology', 'v5e:2x2', '--dry-run', '--', '-m', 'retina_jax.main',
+                    *_TINY_DEMO, '--workdir', 'gs://b/demo')
+  assert out.returncode == 0, out.stderr
+  plan, _, commands = out.stdout.partition('gcloud ')
+  assert 'v5e:2x2' in plan and '4 chips' in plan and 'peak' in plan
+  assert 'tpu-vm ssh my-v5e' in commands and 'head_convs' in commands
+
+
+def test_launch_pod_stops_before_gcloud_when_pod_plan_fails():
+  pytest.importorskip('libtpu', reason='pod_plan needs the TPU runtime (requirements-tpu.txt)')
+  demo = [a.replace(':batch=8', ':batch=6') for a in _TINY_DEMO]  # 6 images over 4 chips.
+  out = _launch_pod('--topology', 'v5e:2x2', '--dry-run', '--', '-m', 'retina_jax.main', *demo,
+                    '--workdir', 'gs://b/demo')
+  assert out.returncode == 1
+  assert 'gcloud' not in out.stdout
+  assert 'config.batch_size=6 must be a multiple of the data-parallel size 4' in out.stderr
+  assert 'stopped before any gcloud command' in out.stderr
+
+
+def test_launch_pod_needs_a_topology_to_plan_for():
+  out = _launch_pod('--dry-run', '--', '-m', 'retina_jax.main', *_TINY_DEMO)
+  assert out.returncode == 2 and '--topology' in out.stderr and not out.stdout
 
 
 def test_launch_pod_setup_copies_the_checkout_without_ignored_files(tmp_path):
@@ -159,7 +200,7 @@ def test_launch_pod_setup_copies_the_checkout_without_ignored_files(tmp_path):
              LOG=str(tmp_path / 'log'), KEEP=str(tmp_path / 'upload.tar.gz'),
              TMPDIR=str(tmp_path))
   subprocess.run(['bash', os.path.join(ROOT, 'scripts', 'launch_pod.sh'), '--name', 'v4-32',
-                  '--zone', 'z', '--setup', '--', '-m', 'retina_jax.main'],
+                  '--zone', 'z', '--skip-plan', '--setup', '--', '-m', 'retina_jax.main'],
                  env=env, check=True, capture_output=True, text=True)
   listing = subprocess.run(['tar', '-tzf', str(tmp_path / 'upload.tar.gz')], check=True,
                            capture_output=True, text=True).stdout.splitlines()
@@ -169,4 +210,5 @@ def test_launch_pod_setup_copies_the_checkout_without_ignored_files(tmp_path):
   log = (tmp_path / 'log').read_text()
   assert '--recurse' not in log  # Into an existing folder that would nest a second copy.
   assert 'tar -xzf retina_jax-setup.tar.gz -C ~/retina_jax' in log
+  assert '-r requirements.txt -r requirements-tpu.txt' in log  # The TPU runtime of our jax.
   assert not list(tmp_path.glob('retina_jax-setup-*.tar.gz'))  # The local archive is removed.

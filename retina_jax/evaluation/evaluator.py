@@ -25,7 +25,7 @@ from retina_jax.evaluation import coco_eval
 _DETECT_CACHE = {}
 
 
-def _sharded_detect(config, mesh):
+def sharded_detect(config, mesh):
   key = (config.to_json_best_effort(), mesh)
   if key not in _DETECT_CACHE:
     batch = sharding_lib.batch_sharding(mesh)
@@ -49,7 +49,7 @@ def run_detector(config, variables, source, categories, mesh, num_pictures: int 
   """
   local_batch = sharding_lib.check_batch_size(config.eval_batch_size, mesh,
                                               'config.eval_batch_size')
-  detect = _sharded_detect(config, mesh)
+  detect = sharded_detect(config, mesh)
   variables = jax.device_put(variables, sharding_lib.replicated(mesh))
   spec = sharding_lib.batch_sharding(mesh).spec
   acc = coco_eval.DetectionAccumulator()

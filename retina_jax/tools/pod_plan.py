@@ -1,0 +1,290 @@
+"""Will this config fit on that TPU pod, and how long will its schedule take? From any machine.
+
+  python -m retina_jax.tools.pod_plan --config experiments/<file>.py[:arg] --topology v5e:16x16 \
+      [--config.x=y ...] [--json] [--breakdown] [--mfu 0.4] [--nodetector]
+
+Compiles, ahead of time, for the compile-only devices of the TPU topology (the TPU runtime of
+requirements-tpu.txt; no TPU attached: JAX itself runs on the CPU) the train step that
+`retina_jax.main` runs (`train.abstract_train_state`, `abstract_batch`, `make_train_step` over
+`sharding.make_mesh` of the topology's chips, in the training canvas of config.data) and the
+evaluation detector (`evaluator.sharded_detect`, config.eval_batch_size, the landscape eval
+canvas), and prints, per chip: the memory (arguments, temporaries, peak) against the chip's HBM,
+the FLOPs and bytes XLA's cost analysis counts per step, the roofline bound on the step time
+(max of FLOPs / peak bf16 FLOP/s and bytes / HBM bandwidth, CHIPS below), images/s per chip at
+that bound, the collectives, and num_train_steps at the bound and at `--mfu`. Every figure is an
+ahead-of-time-compile estimate or bound, not a measurement; collectives' ICI time and the input
+pipeline are not in the bound. Exits 1 with one line naming the batch and the memory when the
+step does not fit.
+"""
+
+import dataclasses
+import functools
+import importlib.util
+import json
+import os
+import re
+import sys
+import time
+
+from absl import app
+from absl import flags
+import jax
+import jax.numpy as jnp
+from ml_collections import config_flags
+
+from retina_jax import cli
+from retina_jax import models
+from retina_jax import sharding as sharding_lib
+from retina_jax import train
+from retina_jax.data import pipeline
+from retina_jax.evaluation import evaluator
+from retina_jax.tools import hlo_stats
+
+GIB = 2 ** 30
+_TOP = 12  # Kernels listed by --breakdown.
+
+
+@dataclasses.dataclass(frozen=True)
+class Chip:
+  peak_bf16_flops: float  # FLOP/s.
+  hbm_bytes: int
+  hbm_bandwidth: float  # Bytes/s.
+  megacore: bool  # Two TensorCores as one device (v4, v5p), as their pods run.
+  source: str
+
+
+# The chips' datasheet figures ("System architecture" of each generation's page).
+CHIPS = {
+    'v4': Chip(275e12, 32 * GIB, 1200e9, True, 'https://cloud.google.com/tpu/docs/v4'),
+    'v5e': Chip(197e12, 16 * GIB, 819e9, False, 'https://cloud.google.com/tpu/docs/v5e'),
+    'v5p': Chip(459e12, 95 * GIB, 2765e9, True, 'https://cloud.google.com/tpu/docs/v5p'),
+    'v6e': Chip(918e12, 32 * GIB, 1638e9, False, 'https://cloud.google.com/tpu/docs/v6e'),
+}
+
+
+class PlanError(Exception):
+  """A one-line reason the plan cannot be made or the step does not fit."""
+
+
+def topology_devices(topology: str) -> tuple[list, Chip]:
+  """The compile-only devices of e.g. 'v5e:16x16' (one per chip) and the chip's figures."""
+  generation = topology.partition(':')[0]
+  if generation not in CHIPS or ':' not in topology:
+    raise PlanError(f'--topology={topology!r}: write GENERATION:SHAPE with a generation of '
+                    f'{sorted(CHIPS)}, e.g. v5e:16x16 (v5e-256) or v4:2x2x4 (v4-32)')
+  if importlib.util.find_spec('libtpu') is None:
+    raise PlanError('the TPU runtime is not installed: pip install -r requirements-tpu.txt')
+  # libtpu takes a machine-wide lock unless told otherwise, so that a second process (a
+  # parallel test, another plan) would fail; compile-only use needs no exclusive TPU.
+  os.environ.setdefault('ALLOW_MULTIPLE_LIBTPU_LOAD', '1')
+  from jax.experimental import topologies  # pylint: disable=g-import-not-at-top
+  kwargs = {'chip_config_name': 'megacore'} if CHIPS[generation].megacore else {}
+  try:
+    desc = topologies.get_topology_desc(platform='tpu', topology_name=topology, **kwargs)
+  except Exception as e:  # pylint: disable=broad-except
+    raise PlanError(f'--topology={topology!r}: the TPU runtime rejects it: '
+                    f'{str(e).splitlines()[0]}') from e
+  return desc.devices, CHIPS[generation]
+
+
+def _memory(compiled) -> dict[str, int]:
+  m = compiled.memory_analysis()
+  peak = getattr(m, 'peak_memory_in_bytes', 0) or (
+      m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes
+      + m.temp_size_in_bytes)
+  return {'arguments': int(m.argument_size_in_bytes), 'outputs': int(m.output_size_in_bytes),
+          'aliased': int(m.alias_size_in_bytes), 'temporaries': int(m.temp_size_in_bytes),
+          'peak': int(peak)}
+
+
+# The TPU compiler's two wordings of an HBM overflow: (needed, available).
+_OOM = (re.compile(r'Used ([\d.]+[KMGT]?) of ([\d.]+[KMGT]?) hbm'),
+        re.compile(r'\(([\d.]+[KMGT]?)\) exceeds available HBM \(([\d.]+[KMGT]?)\)'))
+
+
+def _compile(lowered, what: str, batch: int, data_size: int):
+  """lowered.compile(), with the TPU compiler's out-of-memory error as one PlanError line."""
+  try:
+    return lowered.compile()
+  except Exception as e:  # pylint: disable=broad-except
+    message = str(e)
+    if 'RESOURCE_EXHAUSTED' not in message and 'Ran out of memory' not in message:
+      raise
+    used = next((m for m in (p.search(message) for p in _OOM) if m), None)
+    amount = (f'{used.group(1)}B, more than the {used.group(2)}B of HBM the compiler has'
+              if used else 'more than its HBM')
+    raise PlanError(f'the {what} does not fit: batch {batch} ({batch / data_size:g} per chip) '
+                    f'needs {amount} per chip; lower the batch or raise '
+                    'config.mesh.model_parallelism') from e
+
+
+def _program(compiled, chip: Chip, images_per_chip: float, breakdown: int) -> dict:
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  flops, moved = float(cost.get('flops', 0.0)), float(cost.get('bytes accessed', 0.0))
+  flop_s, byte_s = flops / chip.peak_bf16_flops, moved / chip.hbm_bandwidth
+  bound = max(flop_s, byte_s)
+  text = compiled.as_text()
+  result = {
+      'memory': _memory(compiled),
+      'flops': flops, 'bytes_accessed': moved,
+      'bound_seconds': bound, 'flops_seconds': flop_s, 'bytes_seconds': byte_s,
+      'bound_by': 'FLOPs' if flop_s >= byte_s else 'HBM bandwidth',
+      'images_per_second_per_chip': images_per_chip / bound if bound else 0.0,
+      'collectives': hlo_stats.collectives(text),
+  }
+  if breakdown:
+    kernels = hlo_stats.kernels(text)
+    top = lambda key: [dataclasses.asdict(k) for k in
+                       sorted(kernels, key=key, reverse=True)[:breakdown]]
+    result['top_by_bytes'] = top(lambda k: k.bytes)
+    result['top_by_flops'] = top(lambda k: k.flops)
+  return result
+
+
+def plan(config, topology: str, *, mfu: float = 0.4, detector: bool = True,
+         breakdown: int = 0) -> dict:
+  """Compiles the train step (and the detector) for `topology`; the report as a dict.
+
+  Raises PlanError when the batch does not divide over the pod or the compiler finds that a
+  program does not fit; `check_fits` compares the peaks it reports with the HBM.
+  """
+  devices, chip = topology_devices(topology)
+  chips, hosts = len(devices), len({d.process_index for d in devices})
+  mesh = sharding_lib.make_mesh(config, devices)
+  batch = config.batch_size
+  data = mesh.shape[sharding_lib.DATA_AXIS]
+  if batch % data or batch % hosts:
+    raise PlanError(f'config.batch_size={batch} must be a multiple of the data-parallel size '
+                    f'{data} and of the number of hosts {hosts} of {topology}')
+  report = {'topology': topology, 'device_kind': devices[0].device_kind, 'chips': chips,
+            'hosts': hosts, 'mesh': dict(mesh.shape), 'batch_size': batch,
+            'batch_per_chip': batch / data, 'batch_per_host': batch // hosts,
+            'eval_batch_size': config.eval_batch_size,
+            'chip': dataclasses.asdict(chip), 'mfu': mfu, 'num_train_steps':
+            config.num_train_steps}
+  model = models.create_model(config)
+  state, tx = train.abstract_train_state(config, model, mesh)
+  # Landscape (w >= h); portrait canvases are its transpose, with the same memory and cost.
+  canvas = pipeline.canvas_for(config.data, 1, 1, config.data.train_buckets)
+  t0 = time.perf_counter()
+  lowered = train.make_train_step(config, model, tx, mesh).lower(
+      state, train.abstract_batch(config, mesh, canvas))
+  step = _program(_compile(lowered, 'train step', batch, data), chip, batch / chips, breakdown)
+  step['canvas'] = list(canvas)
+  step['compile_seconds'] = time.perf_counter() - t0
+  report['train_step'] = step
+  steps = config.num_train_steps
+  report['schedule_hours_at_bound'] = steps * step['bound_seconds'] / 3600
+  report['schedule_hours_at_mfu'] = steps * step['flops'] / (chip.peak_bf16_flops * mfu) / 3600
+  if detector:
+    eval_batch = config.eval_batch_size
+    eval_canvas = pipeline.canvas_for(config.data, 1, 1, config.data.eval_buckets)
+    split = sharding_lib.batch_sharding(mesh)
+    variables = {'params': state.params, 'batch_stats': state.batch_stats}
+    t0 = time.perf_counter()
+    lowered = evaluator.sharded_detect(config, mesh).lower(
+        variables,
+        jax.ShapeDtypeStruct((eval_batch, *eval_canvas, 3), jnp.uint8, sharding=split),
+        jax.ShapeDtypeStruct((eval_batch, 2), jnp.int32, sharding=split))
+    detect = _program(_compile(lowered, 'detector', eval_batch, data), chip, eval_batch / chips,
+                      breakdown)
+    detect['canvas'] = list(eval_canvas)
+    detect['compile_seconds'] = time.perf_counter() - t0
+    report['detector'] = detect
+  return report
+
+
+def check_fits(report: dict):
+  """Raises PlanError when a program's peak memory per chip exceeds the chip's HBM."""
+  hbm, data = report['chip']['hbm_bytes'], report['mesh'][sharding_lib.DATA_AXIS]
+  for what, batch in (('train_step', report['batch_size']),
+                      ('detector', report.get('eval_batch_size', 0))):
+    if what in report and report[what]['memory']['peak'] > hbm:
+      peak = report[what]['memory']['peak'] / GIB
+      raise PlanError(f'the {what.replace("_", " ")} does not fit: batch {batch} '
+                      f'({batch / data:g} per chip) needs {peak:.2f} GiB per chip, more than the '
+                      f'{hbm / GIB:.0f} GiB of HBM of {report["topology"]}; lower the batch or '
+                      'raise config.mesh.model_parallelism')
+
+
+def _hours(h: float) -> str:
+  return f'{h * 60:.0f} min' if h < 1 else f'{h:.1f} h'
+
+
+def format_report(r: dict) -> str:
+  chip = r['chip']
+  lines = [
+      f"{r['topology']} ({r['device_kind']}): {r['chips']} chips, {r['hosts']} hosts, mesh "
+      f"{r['mesh']}; batch {r['batch_size']} = {r['batch_per_chip']:g} per chip, "
+      f"{r['batch_per_host']} per host.",
+      f"Chip: {chip['peak_bf16_flops'] / 1e12:.0f} TFLOP/s bf16, {chip['hbm_bytes'] / GIB:.0f} "
+      f"GiB HBM at {chip['hbm_bandwidth'] / 1e9:.0f} GB/s ({chip['source']}).",
+      'All figures: ahead-of-time compile estimates / bounds per chip, not measurements.']
+  for what in ('train_step', 'detector'):
+    if what not in r:
+      continue
+    p, m = r[what], r[what]['memory']
+    collectives = ', '.join(f"{k} x{v['count']} ({v['bytes'] / 1e6:.1f} MB)"
+                            for k, v in p['collectives'].items()) or 'none'
+    lines += [
+        f"{what.replace('_', ' ')} ({p['canvas'][0]}x{p['canvas'][1]}, compiled in "
+        f"{p['compile_seconds']:.0f} s):",
+        f"  memory per chip: arguments {m['arguments'] / GIB:.2f} GiB, temporaries "
+        f"{m['temporaries'] / GIB:.2f} GiB, peak {m['peak'] / GIB:.2f} GiB of "
+        f"{chip['hbm_bytes'] / GIB:.0f} GiB",
+        f"  per chip per step: {p['flops'] / 1e12:.3g} TFLOP, {p['bytes_accessed'] / 1e9:.3g} GB "
+        f"accessed",
+        f"  roofline bound: {p['bound_seconds'] * 1e3:.1f} ms per step (FLOPs "
+        f"{p['flops_seconds'] * 1e3:.1f} ms, HBM {p['bytes_seconds'] * 1e3:.1f} ms: bound by "
+        f"{p['bound_by']}), {p['images_per_second_per_chip']:.1f} images/s per chip",
+        f"  collectives: {collectives}"]
+    for key, unit in (('top_by_bytes', 'bytes'), ('top_by_flops', 'flops')):
+      if key in p:
+        lines.append(f'  top kernels by {unit} (output + operands; FLOPs of their convs/dots):')
+        lines += [f"    {k['bytes'] / 1e9:8.3f} GB {k['flops'] / 1e9:9.1f} GFLOP  {k['opcode']} "
+                  f"{k['op_name'] or k['name']}" for k in p[key]]
+  if 'train_step' in r:
+    lines.append(f"Schedule: {r['num_train_steps']} steps: {_hours(r['schedule_hours_at_bound'])}"
+                 f" at the bound, {_hours(r['schedule_hours_at_mfu'])} at {r['mfu']:.0%} MFU.")
+  return '\n'.join(lines)
+
+
+def _define_flags():
+  return {
+      'config': config_flags.DEFINE_config_file('config', None, 'Experiment config file.',
+                                                lock_config=True),
+      'topology': flags.DEFINE_string('topology', '', 'TPU topology, e.g. v5e:16x16, v4:2x2x4, '
+                                      'v5p:4x4x4.'),
+      'json': flags.DEFINE_bool('json', False, 'Print the report as one JSON object.'),
+      'breakdown': flags.DEFINE_bool('breakdown', False, f'Also list the top {_TOP} kernels of '
+                                     'each program by bytes and by FLOPs.'),
+      'mfu': flags.DEFINE_float('mfu', 0.4, 'Model FLOPs utilisation for the schedule estimate.'),
+      'detector': flags.DEFINE_bool('detector', True, 'Also compile the evaluation detector.'),
+  }
+
+
+def main(fl, argv):
+  del argv
+  config = fl['config'].value
+  if config is None or not fl['topology'].value:
+    raise app.UsageError('--config and --topology are required.')
+  # Compile-only: never take an attached accelerator from a job that may run beside this.
+  jax.config.update('jax_platforms', 'cpu')
+  try:
+    report = plan(config, fl['topology'].value, mfu=fl['mfu'].value,
+                  detector=fl['detector'].value, breakdown=_TOP if fl['breakdown'].value else 0)
+    check_fits(report)
+  except PlanError as e:
+    sys.stderr.write(f'pod_plan: {e}\n')
+    sys.exit(1)
+  print(json.dumps(report) if fl['json'].value else format_report(report))
+
+
+def run():
+  fl = _define_flags()
+  app.run(functools.partial(main, fl), argv=sys.argv, flags_parser=cli.parse_flags)
+
+
+if __name__ == '__main__':
+  run()

@@ -1,0 +1,121 @@
+"""pod_plan compiles the tiny detector's train step and detector for real TPU topologies (the
+TPU runtime's compile-only devices; no TPU needed) and reads memory, cost and collectives."""
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from tests import tiny_detector
+
+pytest.importorskip('libtpu', reason='the TPU runtime is not installed: '
+                    'pip install -r requirements-tpu.txt')
+
+from retina_jax.tools import hlo_stats  # pylint: disable=g-import-not-at-top
+from retina_jax.tools import pod_plan  # pylint: disable=g-import-not-at-top
+
+TOPOLOGIES = {'v5e:2x2': 4, 'v4:2x2x1': 4}  # Chips: v4 as one megacore device per chip.
+
+
+def _config():
+  config = tiny_detector.tiny_config(64)
+  config.batch_size = 8
+  config.eval_batch_size = 4
+  config.num_train_steps = 1000
+  return config
+
+
+@pytest.fixture(scope='module', params=sorted(TOPOLOGIES))
+def report(request):
+  return pod_plan.plan(_config(), request.param, breakdown=3)
+
+
+def test_compiles_the_train_step_and_detector_for_the_topology(report):
+  assert report['chips'] == TOPOLOGIES[report['topology']]
+  assert report['hosts'] == 1 and report['batch_per_chip'] == 2
+  for what in ('train_step', 'detector'):
+    memory = report[what]['memory']
+    assert 0 < memory['arguments'] and 0 < memory['peak'] < report['chip']['hbm_bytes']
+    assert report[what]['flops'] > 0 and report[what]['bytes_accessed'] > 0
+    assert report[what]['bound_seconds'] == max(report[what]['flops_seconds'],
+                                                report[what]['bytes_seconds'])
+  pod_plan.check_fits(report)
+  assert report['schedule_hours_at_bound'] == pytest.approx(
+      1000 * report['train_step']['bound_seconds'] / 3600)
+  json.dumps(report)
+  assert 'peak' in pod_plan.format_report(report)
+
+
+def test_data_parallel_step_all_reduces_gradients_and_gathers_no_parameters(report):
+  collectives = report['train_step']['collectives']
+  assert 'all-gather' not in collectives
+  config = _config()
+  from retina_jax import models  # pylint: disable=g-import-not-at-top
+  shapes = jax.eval_shape(lambda: models.create_model(config).init(
+      jax.random.key(0), jnp.zeros((1, 64, 64, 3)), train=False))['params']
+  param_bytes = sum(4 * np.prod(x.shape) for x in jax.tree.leaves(shapes))
+  # Every float32 gradient is summed over the data axis once.
+  assert collectives['all-reduce']['bytes'] >= param_bytes
+
+
+def test_breakdown_lists_the_models_convolutions_by_flops(report):
+  step = report['train_step']
+  assert len(step['top_by_flops']) == 3
+  # The top kernels are convolutions of the model, forward or backward.
+  assert all('RetinaNet' in k['op_name'] for k in step['top_by_flops'])
+
+
+def test_kernel_flops_add_up_to_the_cost_analysis():
+  devices, _ = pod_plan.topology_devices('v5e:2x2')
+  mesh = Mesh(devices, ('x',))
+  x = jax.ShapeDtypeStruct((8, 32, 32, 16), jnp.bfloat16, sharding=NamedSharding(mesh, P('x')))
+  w = jax.ShapeDtypeStruct((3, 3, 16, 32), jnp.bfloat16, sharding=NamedSharding(mesh, P()))
+  m = jax.ShapeDtypeStruct((32, 64), jnp.bfloat16, sharding=NamedSharding(mesh, P()))
+  conv = lambda x, w, m: jax.lax.conv_general_dilated(
+      x, w, (1, 1), 'SAME', dimension_numbers=('NHWC', 'HWIO', 'NHWC')) @ m
+  compiled = jax.jit(conv).lower(x, w, m).compile()
+  flops = sum(k.flops for k in hlo_stats.kernels(compiled.as_text()))
+  # The TPU compiler tiles the 3x3 convolution with halos, so it does more than the ideal.
+  ideal = 2 * 2 * 32 * 32 * (9 * 16 * 32 + 32 * 64)  # 2 images per chip.
+  assert ideal <= flops == pytest.approx(compiled.cost_analysis()['flops'], rel=0.02)
+
+
+def test_a_step_the_compiler_cannot_fit_is_one_line_naming_batch_and_memory():
+  devices, _ = pod_plan.topology_devices('v5e:2x2')
+  mesh = Mesh(devices, ('data',))
+  x = jax.ShapeDtypeStruct((4 * 100_000,), jnp.float32, sharding=NamedSharding(mesh, P('data')))
+  lowered = jax.jit(lambda x: jnp.sin(jnp.outer(x, x)).sum(0)).lower(x)
+  with pytest.raises(pod_plan.PlanError) as error:
+    pod_plan._compile(lowered, 'train step', 400_000, 4)  # pylint: disable=protected-access
+  message = str(error.value)
+  assert '\n' not in message
+  assert 'batch 400000 (100000 per chip)' in message and 'G' in message and 'HBM' in message
+
+
+def test_a_peak_above_the_hbm_is_one_line_naming_batch_and_memory(report):
+  small = dict(report, chip=dict(report['chip'],
+                                 hbm_bytes=report['train_step']['memory']['peak'] // 2))
+  with pytest.raises(pod_plan.PlanError, match=r'train step does not fit: batch 8 \(2 per chip\) '
+                     r'needs [\d.]+ GiB per chip'):
+    pod_plan.check_fits(small)
+
+
+def test_unknown_topology_says_what_to_write():
+  with pytest.raises(pod_plan.PlanError, match='GENERATION:SHAPE'):
+    pod_plan.topology_devices('v9:2x2')
+
+
+def test_without_a_tpu_chip_jax_starts_on_the_cpu_quietly():
+  env = tiny_detector.subprocess_env()
+  env.pop('JAX_PLATFORMS', None)
+  out = subprocess.run([sys.executable, '-c', 'import retina_jax, jax; print(jax.default_backend())'],
+                       env=env, capture_output=True, text=True, check=True)
+  assert out.stdout.strip() == 'cpu'
+  assert 'TPU' not in out.stderr, out.stderr
