@@ -1,6 +1,6 @@
 """Export trained parameters for evaluation and serving elsewhere.
 
-  python -m retina_jax.export --workdir DIR --out PATH [--format jax|torchvision]
+  python -m retina_jax.export --workdir DIR --out PATH [--format jax|torchvision|saved_model]
       [--platforms cpu,cuda,tpu] [--config ...] [--config.x=y ...]
 
 PATH is a directory (chosen over a single file so that each part is readable with standard
@@ -40,6 +40,10 @@ configs torchvision has no model for stop with one line naming the field):
                          model = getattr(torchvision.models.detection, builder)(
                              weights=None, weights_backbone=None, **kwargs)
   categories.json      as above: torchvision's label l is category ids[l], called names[l].
+
+--format saved_model writes a TF SavedModel whose serving signature takes one uint8 image of any
+size and returns its detections in its own pixels (retina_jax/saved_model.py), plus
+categories.json.
 """
 
 import io
@@ -59,6 +63,7 @@ from retina_jax import cli
 from retina_jax import convert
 from retina_jax import inference
 from retina_jax import saved_config
+from retina_jax import saved_model
 from retina_jax.data import pipeline
 from retina_jax.data.categories import CategoryMap
 
@@ -66,7 +71,7 @@ EXPORTED_FILE = 'detect.jax_exported'
 SIGNATURE_FILE = 'signature.json'
 TORCHVISION_WEIGHTS = 'model.pth'
 TORCHVISION_JSON = 'torchvision.json'
-FORMATS = ('jax', 'torchvision')
+FORMATS = ('jax', 'torchvision', 'saved_model')
 # Lowering for a platform needs no such device here: one export serves CPU, GPU and TPU.
 DEFAULT_PLATFORMS = ('cpu', 'cuda', 'tpu')
 
@@ -182,7 +187,8 @@ def _define_flags():
       'out': flags.DEFINE_string('out', '', 'Export directory to write.'),
       'format': flags.DEFINE_enum('format', 'jax', FORMATS, 'jax: parameters, config and a '
                                   'StableHLO detector; torchvision: a state dict for '
-                                  'torchvision\'s RetinaNet.'),
+                                  'torchvision\'s RetinaNet; saved_model: TF Serving '
+                                  '(retina_jax/saved_model.py).'),
       'batch_size': flags.DEFINE_integer('batch_size', 0, 'Batch size of the serialized '
                                          'detector; 0: any (symbolic).'),
       'platforms': flags.DEFINE_list('platforms', list(DEFAULT_PLATFORMS),
@@ -201,6 +207,10 @@ def main(fl, argv):
   try:
     if fl['format'].value == 'torchvision':
       write_torchvision(fl['out'].value, config, variables, categories)
+    elif fl['format'].value == 'saved_model':
+      saved_model.write_saved_model(fl['out'].value, config, to_plain(variables), categories,
+                                    fl['platforms'].value)
+      _write_files(fl['out'].value, {saved_config.CATEGORIES_FILE: categories.to_json().encode()})
     else:
       write_export(fl['out'].value, config, variables, categories, fl['batch_size'].value,
                    fl['platforms'].value)
