@@ -116,8 +116,8 @@ def write_saved_model(out_dir: str, config, variables, categories: CategoryMap,
     return dets
 
   with _stablehlo_for_tensorflow():
-    converted = {name: jax2tf.convert(serve, native_serialization_platforms=tuple(platforms))
-                 for name in canvases}
+    # One StableHLO module per canvas: jax2tf lowers per input shape.
+    converted = jax2tf.convert(serve, native_serialization_platforms=tuple(platforms))
     module = tf.Module()
     module.params = tf.nest.map_structure(tf.Variable, variables)
     s = float(data.image_size)
@@ -139,8 +139,8 @@ def write_saved_model(out_dir: str, config, variables, categories: CategoryMap,
       def run(name):
         hc, wc = canvases[name]
         padded = tf.pad(resized, [[0, hc - nh], [0, wc - nw], [0, 0]])
-        return converted[name](module.params, tf.ensure_shape(padded[None], [1, hc, wc, 3]),
-                               tf.stack([nh, nw])[None])
+        return converted(module.params, tf.ensure_shape(padded[None], [1, hc, wc, 3]),
+                         tf.stack([nh, nw])[None])
 
       if len(canvases) == 1:
         dets = run(next(iter(canvases)))

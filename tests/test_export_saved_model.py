@@ -1,6 +1,10 @@
 """--format saved_model: a TF SavedModel that TensorFlow alone serves, with predict's detections
-for images of any size (resize, canvas and the way back to original pixels inside)."""
+for images of any size (resize, canvas and the way back to original pixels inside).
 
+TensorFlow runs only in child processes: importing torchvision after TensorFlow crashes the
+interpreter (triton), and pytest workers import both."""
+
+import importlib.util
 import os
 import subprocess
 import sys
@@ -8,21 +12,52 @@ import textwrap
 
 import numpy as np
 import pytest
-from PIL import Image
 
-tf = pytest.importorskip('tensorflow')
+from retina_jax import inference
+from retina_jax import predict as predict_lib
+from tests import tiny_detector
 
-from retina_jax import inference  # pylint: disable=wrong-import-position
-from retina_jax import predict as predict_lib  # pylint: disable=wrong-import-position
-from retina_jax import saved_model  # pylint: disable=wrong-import-position
-from retina_jax.data import pipeline  # pylint: disable=wrong-import-position
-from tests import tiny_detector  # pylint: disable=wrong-import-position
+pytestmark = pytest.mark.skipif(importlib.util.find_spec('tensorflow') is None,
+                                reason='needs tensorflow')
 
 # Landscape and portrait, downscaled, upscaled and left as is by the tiny config's resize rule
 # (where the resize in TF is bit-exact: see the test below).
 _SIZES = ((60, 200), (90, 40), (128, 60))
 
-# Runs in a fresh interpreter with TensorFlow only.
+# Bit-exact where Pillow runs the horizontal pass first: every upscale and landscape downscale.
+# Pillow 13 runs the vertical pass first on some portrait downscales, by a rule `pil_resize`
+# does not reproduce; there a quarter of the pixels differ by one level.
+_RESIZE_CHECK = textwrap.dedent('''
+  import numpy as np
+  import tensorflow as tf
+  from PIL import Image
+  from retina_jax import saved_model
+  from retina_jax.data import pipeline
+  rng = np.random.default_rng(0)
+  for h, w, (min_size, max_size), exact in [
+      (60, 200, (96, 128), True), (90, 40, (96, 128), True), (40, 50, (96, 128), True),
+      (480, 640, (800, 1333), True), (333, 500, (600, 1000), True), (37, 1000, (96, 128), True),
+      (500, 333, (600, 1000), True), (150, 70, (96, 128), False)]:
+    image = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+    scale = pipeline.resize_scale(h, w, min_size, max_size, 1408)
+    nh, nw = pipeline.resized_hw(h, w, scale, 1408)
+    want = np.asarray(Image.fromarray(image).resize((nw, nh), Image.BILINEAR)).astype(int)
+    got = saved_model.pil_resize(tf, tf.constant(image), nh, nw).numpy().astype(int)
+    assert np.abs(got - want).max() <= (0 if exact else 1), f'{h}x{w} -> {nh}x{nw}'
+  print('OK')
+''')
+
+_WRITER = textwrap.dedent('''
+  import sys
+  from retina_jax import saved_model
+  from tests import tiny_detector
+  config = tiny_detector.tiny_config()
+  config.data.min_size = 96  # Orientation canvases 96 x 128 and 128 x 96.
+  saved_model.write_saved_model(sys.argv[1], config, tiny_detector.random_variables(config),
+                                tiny_detector.CATEGORIES, platforms=('cpu',))
+''')
+
+# Runs in a fresh interpreter with TensorFlow and without our package.
 _SERVER = textwrap.dedent('''
   import sys
   import numpy as np
@@ -40,31 +75,23 @@ _SERVER = textwrap.dedent('''
 ''')
 
 
-def test_pil_resize_in_tensorflow_is_bit_exact():
-  """Bit-exact where Pillow runs the horizontal pass first: every upscale and landscape
-  downscale. Pillow 13 runs the vertical pass first on some portrait downscales, by a rule this
-  does not reproduce; there a quarter of the pixels differ by one level."""
-  rng = np.random.default_rng(0)
-  for h, w, (min_size, max_size), exact in [
-      (60, 200, (96, 128), True), (90, 40, (96, 128), True), (40, 50, (96, 128), True),
-      (480, 640, (800, 1333), True), (333, 500, (600, 1000), True), (37, 1000, (96, 128), True),
-      (500, 333, (600, 1000), True), (150, 70, (96, 128), False)]:
-    image = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
-    scale = pipeline.resize_scale(h, w, min_size, max_size, 1408)
-    nh, nw = pipeline.resized_hw(h, w, scale, 1408)
-    want = np.asarray(Image.fromarray(image).resize((nw, nh), Image.BILINEAR)).astype(int)
-    got = saved_model.pil_resize(tf, tf.constant(image), nh, nw).numpy().astype(int)
-    assert np.abs(got - want).max() <= (0 if exact else 1), f'{h}x{w} -> {nh}x{nw}'
+def _run(args, env, cwd):
+  proc = subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True,
+                        timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def test_pil_resize_in_tensorflow_is_bit_exact(tmp_path):
+  _run(['-c', _RESIZE_CHECK], tiny_detector.subprocess_env(), str(tmp_path))
 
 
 @pytest.mark.slow
 def test_saved_model_serves_predicts_detections_without_our_code(tmp_path):
-  config = tiny_detector.tiny_config()
-  config.data.min_size = 96  # Orientation canvases 96 x 128 and 128 x 96.
-  variables = tiny_detector.random_variables(config)
-  cats = tiny_detector.CATEGORIES
   out_dir = str(tmp_path / 'saved_model')
-  saved_model.write_saved_model(out_dir, config, variables, cats, platforms=('cpu',))
+  _run(['-c', _WRITER, out_dir], tiny_detector.subprocess_env(), tiny_detector.REPO_ROOT)
+  config = tiny_detector.tiny_config()
+  config.data.min_size = 96
+  variables = tiny_detector.random_variables(config)  # The writer's: the same seed.
 
   rng = np.random.default_rng(1)
   images = {f'{h}x{w}': rng.integers(0, 256, (h, w, 3), dtype=np.uint8) for h, w in _SIZES}
@@ -74,14 +101,12 @@ def test_saved_model_serves_predicts_detections_without_our_code(tmp_path):
   script.write_text(_SERVER)
   env = dict(os.environ, CUDA_VISIBLE_DEVICES='')
   env.pop('PYTHONPATH', None)
-  proc = subprocess.run([sys.executable, str(script), out_dir, io_file], cwd=str(tmp_path),
-                        env=env, capture_output=True, text=True, timeout=300)
-  assert proc.returncode == 0, proc.stderr[-3000:]
+  _run([str(script), out_dir, io_file], env, str(tmp_path))
   served = dict(np.load(io_file + '.out.npz'))
 
   detect = inference.make_detect_fn(config)
   for name, image in images.items():
-    want = predict_lib.predict(config, variables, image, cats, detect)
+    want = predict_lib.predict(config, variables, image, tiny_detector.CATEGORIES, detect)
     n = int(served[f'{name}/num_detections'][0])
     assert n == len(want) > 0, name
     scores = served[f'{name}/scores'][0]
