@@ -99,6 +99,10 @@ def write_saved_model(out_dir: str, config, variables, categories: CategoryMap,
 
   variables: plain nested dicts of numpy arrays (`export.to_plain`).
   """
+  rule = config.data.get('resize', 'pil')
+  if rule != 'pil':
+    raise ValueError(f'config.data.resize={rule!r}: the SavedModel re-does in TF ops only the '
+                     "'pil' resize; export with --config.data.resize=pil or --format jax.")
   try:
     import tensorflow as tf  # pylint: disable=g-import-not-at-top
     from jax.experimental import jax2tf  # pylint: disable=g-import-not-at-top

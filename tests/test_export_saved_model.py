@@ -85,6 +85,14 @@ def test_pil_resize_in_tensorflow_is_bit_exact(tmp_path):
   _run(['-c', _RESIZE_CHECK], tiny_detector.subprocess_env(), str(tmp_path))
 
 
+def test_other_resize_rules_are_refused_naming_the_field(tmp_path):
+  from retina_jax import saved_model  # pylint: disable=g-import-not-at-top
+  config = tiny_detector.tiny_config()
+  config.data.resize = 'torchvision'
+  with pytest.raises(ValueError, match=r"config\.data\.resize='torchvision'"):
+    saved_model.write_saved_model(str(tmp_path), config, {}, tiny_detector.CATEGORIES)
+
+
 @pytest.mark.slow
 def test_saved_model_serves_predicts_detections_without_our_code(tmp_path):
   out_dir = str(tmp_path / 'saved_model')
