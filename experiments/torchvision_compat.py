@@ -1,6 +1,8 @@
 """Every torchvision convention, so that weights converted from `retinanet_resnet50_fpn` (v1)
-predict what torchvision predicts: `python scripts/convert_torchvision.py IN.pth OUT` then
-`--config experiments/torchvision_compat.py --config.init_from=OUT`.
+predict what torchvision predicts, on any image size, and train as its reference scripts train:
+`python scripts/convert_torchvision.py IN.pth OUT` then
+`--config experiments/torchvision_compat.py --config.init_from=OUT` (tests/test_torchvision_exact.py
+checks predict, evaluate and a training step against torchvision's own model).
 
 Labels are torchvision's 91-id COCO indices (its cls_logits has 91 rows, 0 = background unused).
 
@@ -34,10 +36,14 @@ def get_config(arg=None):
 
   config.postprocess.max_detections = 300
   config.loss.box_loss = 'l1'  # torchvision v1 regresses boxes with plain L1.
+  config.loss.normalizer = 'per_image'  # Each image's losses / its foreground count, averaged.
+  config.optim.weight_decay_mask = 'all'  # Its reference scripts decay biases too.
   if arg.version == 'v2':
     config.model.p6_from = 'c5'  # LastLevelP6P7(2048, 256).
     config.model.head_norm = 'gn'  # RetinaNetHead(norm_layer=partial(nn.GroupNorm, 32)).
     config.loss.box_loss = 'giou'
   config.data.min_size = 800
   config.data.max_size = 1333
+  config.data.resize = 'torchvision'  # GeneralizedRCNNTransform: float bilinear, floor sides.
+  config.data.eval_buckets = 'torchvision'  # Each image padded to multiples of 32 of its size.
   return config

@@ -87,6 +87,9 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.loss.box_loss = 'smooth_l1'  # smooth_l1 | l1 | giou
   config.loss.smooth_l1_beta = 0.11
   config.loss.box_weight = 1.0
+  # 'batch': sums over the batch / its foreground count (paper, detectron2); 'per_image': each
+  # image's sums / its own count, averaged over images (torchvision).
+  config.loss.normalizer = 'batch'
   config.loss.ohem_batch_per_image = 128
   config.loss.ohem_nms_iou = 0.7
   config.loss.ohem_positive_fraction = 0.0  # 0: hardest anchors regardless of label; 0.25: 1:3.
@@ -105,17 +108,23 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.data.eval_split = 'validation'
   config.data.min_size = 800  # Shorter side after resize.
   config.data.max_size = 1333  # Longer side cap.
+  # Resize rule (pipeline.RESIZE_RULES): 'pil' (bilinear on uint8, round() sides, uint8 to the
+  # device; the fastest) or 'torchvision' (its GeneralizedRCNNTransform exactly: bilinear of the
+  # float image, floor() sides, per-axis box ratios; float32 to the device).
+  config.data.resize = 'pil'
   # Square bucket every image is padded into: a multiple of 32 (the stride of C5); 128-multiples
   # (1408 holds 1333) tile P7 exactly, as SPEC section 5 suggests.
   config.data.image_size = 1408
   config.data.max_boxes = 100  # Ground-truth slots per image; extra objects are dropped, counted.
   # Evaluation / prediction canvas: 'orientation' pads landscape and portrait images into the
   # smallest canvases the resize rule fills (800x1344 and 1344x800 for 800 / 1333), 'square'
-  # into image_size x image_size as training does. Same resize either way.
+  # into image_size x image_size as training does, 'torchvision' into the image's own resized
+  # sides rounded up to multiples of 32 (one compilation per canvas; pipeline.canvas_for).
   config.data.eval_buckets = 'orientation'
   # Training canvas: 'square' (image_size x image_size, SPEC section 5) or 'orientation' (every
   # global batch landscape or portrait, in the canvases above: ~1.8x fewer pixels on COCO;
   # needs the image sizes before decoding, i.e. coco_format / shapes; tfds falls back to square).
+  # 'torchvision' also works here (batches grouped by canvas, as in evaluation).
   config.data.train_buckets = 'square'
   config.data.random_flip = True
   config.data.num_workers = 4  # Host threads decoding images.
@@ -136,7 +145,10 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.optim.base_batch_size = 16
   config.optim.momentum = 0.9  # SGD momentum; AdamW's beta1.
   config.optim.adam_b2 = 0.999
-  config.optim.weight_decay = 1e-4  # Not applied to norm scales and biases.
+  config.optim.weight_decay = 1e-4
+  # Which parameters decay: 'kernels' (conv and dense kernels, not norm scales and biases, as
+  # detectron2) or 'all' (torchvision's reference scripts: every trainable parameter).
+  config.optim.weight_decay_mask = 'kernels'
   config.optim.warmup_steps = 1000
   config.optim.warmup_factor = 0.001
   config.optim.decay_steps = (60_000, 80_000)

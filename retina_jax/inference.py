@@ -5,9 +5,10 @@ Order of the box operations from model output to COCO file (SPEC section 7 asks 
      resized region `image_hw` of the padded image BEFORE the score threshold, top-k and NMS,
      so that NMS compares the boxes that are finally reported (torchvision and detectron2 clip
      there too);
-  2. `to_original_coords` divides by the resize scale and clips once more, to the original
-     image: the resized region is round(original * scale) pixels, so a box at its edge may
-     end up to half a resized pixel past the original border.
+  2. `to_original_coords` divides by the per-axis resize scale and clips once more, to the
+     original image: under config.data.resize='pil' the resized region is round(original *
+     scale) pixels, so a box at its edge may end up to half a resized pixel past the original
+     border ('torchvision' maps back by the ratio of the sides, as torchvision does).
 """
 
 from typing import Any, Callable, Mapping
@@ -33,7 +34,8 @@ def make_detect_fn(config, model=None) -> DetectFn:
 
   `detect`'s arguments:
     variables: {'params': ..., 'batch_stats': ...} (any nested dicts of arrays).
-    images: [B, S_h, S_w, 3] uint8 RGB, padded with zeros at the bottom/right; S_h and S_w
+    images: [B, S_h, S_w, 3] RGB, uint8 (float32 under config.data.resize='torchvision'),
+      padded with zeros at the bottom/right; S_h and S_w
       multiples of 32. The anchors are a trace-time constant for that size.
     image_hw: [B, 2] int32 (h, w) of the valid resized region of each image.
   and result (padded-image pixels):
@@ -66,7 +68,7 @@ def to_original_coords(dets: Mapping[str, Any], scale, orig_hw) -> dict[str, np.
   Args:
     dets: {'boxes': [B, D, 4] (x1, y1, x2, y2) padded-image pixels, 'scores', 'labels',
       'valid' ...} as `detect` returns (host or device arrays).
-    scale: [B] float, resized = original * scale.
+    scale: [B, 2] float (sy, sx), resized = original * s per axis (the batch's 'scale').
     orig_hw: [B, 2] int (h, w) of the original images.
   Returns:
     The same dict as numpy arrays, 'boxes' [B, D, 4] (x1, y1, x2, y2) original-image pixels.
@@ -74,7 +76,7 @@ def to_original_coords(dets: Mapping[str, Any], scale, orig_hw) -> dict[str, np.
   out = {k: np.asarray(v) for k, v in dets.items()}
   scale = np.asarray(scale, np.float32)
   orig_hw = np.asarray(orig_hw, np.float32)
-  boxes = out['boxes'] / scale[:, None, None]
+  boxes = out['boxes'] / np.stack([scale[:, 1], scale[:, 0]] * 2, axis=-1)[:, None, :]
   upper = np.stack([orig_hw[:, 1], orig_hw[:, 0]] * 2, axis=-1)[:, None, :]  # [B, 1, 4] w h w h
   out['boxes'] = np.clip(boxes, 0.0, upper).astype(np.float32)
   return out

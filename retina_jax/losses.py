@@ -4,6 +4,11 @@ Everything is computed in float32 whatever the compute dtype of the model, and e
 the whole (global) batch: under `jax.jit` with the batch sharded over devices and hosts, the
 foreground count that normalises the loss is the global one, so the loss scale does not depend on
 the number of devices.
+
+config.loss.normalizer: 'batch' (the paper, Detectron, detectron2) divides the sums over the batch
+by the batch's foreground count; 'per_image' (torchvision) divides each image's sums by its own
+foreground count and averages over the images, which weighs an image with few objects as much as
+one with many.
 """
 
 import functools
@@ -226,12 +231,21 @@ def detection_loss(outputs: dict[str, jax.Array], batch: dict[str, jax.Array],
   considered = state >= 0
   matched_labels = jnp.take_along_axis(batch['labels'], matched, axis=1)
   num_foreground = foreground.sum()
-  normaliser = jnp.maximum(num_foreground, 1).astype(jnp.float32)
+  # Weight of each anchor's loss [B, 1]: 1 / (foreground count) of the batch or of its image.
+  normalizer = loss_cfg.normalizer
+  if normalizer == 'batch':
+    anchor_weight = jnp.broadcast_to(1.0 / jnp.maximum(num_foreground, 1), (len(foreground), 1))
+  elif normalizer == 'per_image':
+    per_image = jnp.maximum(foreground.sum(axis=1, keepdims=True), 1)
+    anchor_weight = 1.0 / (per_image * foreground.shape[0])
+  else:
+    raise ValueError(f"config.loss.normalizer must be 'batch' or 'per_image', got {normalizer!r}")
+  anchor_weight = anchor_weight.astype(jnp.float32)
 
   if loss_cfg.kind == 'focal':
     labels = jnp.where(foreground, matched_labels, -1)
-    cls_loss = focal_loss_sum(cls_logits, labels, considered, float(loss_cfg.alpha),
-                              float(loss_cfg.gamma)) / normaliser
+    cls_loss = focal_loss_sum(cls_logits, labels, considered * anchor_weight,
+                              float(loss_cfg.alpha), float(loss_cfg.gamma))
   elif loss_cfg.kind == 'ohem':
     targets = jax.nn.one_hot(matched_labels, num_classes) * foreground[..., None]
     anchor_loss = sigmoid_cross_entropy(cls_logits, targets).sum(-1)
@@ -244,7 +258,7 @@ def detection_loss(outputs: dict[str, jax.Array], batch: dict[str, jax.Array],
   matched_boxes = jnp.take_along_axis(batch['boxes'], matched[..., None], axis=1)
   per_anchor_box = box_regression_loss(outputs['box_deltas'], matched_boxes, anchors, loss_cfg,
                                        config.box_coder)
-  box_loss = jnp.sum(jnp.where(foreground, per_anchor_box, 0.0)) / normaliser
+  box_loss = jnp.sum(jnp.where(foreground, per_anchor_box * anchor_weight, 0.0))
   total = cls_loss + loss_cfg.box_weight * box_loss
   return total, {'cls_loss': cls_loss, 'box_loss': box_loss,
                  'num_foreground': num_foreground.astype(jnp.float32)}

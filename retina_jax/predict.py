@@ -61,7 +61,7 @@ def predict(config, variables, image: np.ndarray, categories: CategoryMap,
              'image_id': -1}
   row = pipeline.preprocess(example, min_size=config.data.min_size,
                             max_size=config.data.max_size, image_size=config.data.image_size,
-                            max_boxes=1, flip=False,
+                            max_boxes=1, flip=False, resize=config.data.resize,
                             canvas=pipeline.eval_canvas(config.data, *image.shape[:2]))
   dets = detect(variables, row['image'][None], row['image_hw'][None])
   dets = inference.to_original_coords(dets, row['scale'][None], row['orig_hw'][None])

@@ -62,9 +62,18 @@ def learning_rate_schedule(config: ml_collections.ConfigDict) -> Callable[[jax.A
   return schedule
 
 
-def weight_decay_mask(params: Any) -> Any:
-  """Decay conv and dense kernels only, not norm scales and biases (detectron2 does the same)."""
-  return jax.tree.map(lambda p: p.ndim > 1, params)
+WEIGHT_DECAY_MASKS = ('kernels', 'all')
+
+
+def weight_decay_mask(config: ml_collections.ConfigDict) -> Callable[[Any], Any]:
+  """params -> bool tree of the parameters that decay (config.optim.weight_decay_mask): conv and
+  dense kernels only, not norm scales and biases ('kernels', as detectron2), or every one
+  ('all', as torchvision's reference scripts)."""
+  kind = config.optim.weight_decay_mask
+  if kind not in WEIGHT_DECAY_MASKS:
+    raise ValueError(f'config.optim.weight_decay_mask must be one of {WEIGHT_DECAY_MASKS}, '
+                     f'got {kind!r}')
+  return lambda params: jax.tree.map(lambda p: kind == 'all' or p.ndim > 1, params)
 
 
 def make_optimizer(config: ml_collections.ConfigDict, params: Any) -> optax.GradientTransformation:
@@ -77,12 +86,12 @@ def make_optimizer(config: ml_collections.ConfigDict, params: Any) -> optax.Grad
     parts.append(optax.clip_by_global_norm(o.grad_clip_norm))
   if o.name == 'sgd':
     parts += [
-        optax.add_decayed_weights(o.weight_decay, mask=weight_decay_mask),
+        optax.add_decayed_weights(o.weight_decay, mask=weight_decay_mask(config)),
         optax.sgd(learning_rate_schedule(config), momentum=o.momentum),
     ]
   elif o.name == 'adamw':
     parts.append(optax.adamw(learning_rate_schedule(config), b1=o.momentum, b2=o.adam_b2,
-                             weight_decay=o.weight_decay, mask=weight_decay_mask))
+                             weight_decay=o.weight_decay, mask=weight_decay_mask(config)))
   else:
     raise ValueError(f"config.optim.name must be 'sgd' or 'adamw', got {o.name!r}")
   frozen = models.frozen_mask(params, config.model.freeze_at)
@@ -108,28 +117,36 @@ def normalize(batch: dict[str, jax.Array], config: ml_collections.ConfigDict) ->
                                    config.data.pixel_std)
 
 
-def train_step(state: TrainState, batch: dict[str, jax.Array], *, model,
-               config: ml_collections.ConfigDict, tx: optax.GradientTransformation
-               ) -> tuple[TrainState, dict[str, jax.Array]]:
-  """One SGD step on the global batch. A non-finite loss or gradient leaves the state as it was
-  and records the step in `first_bad_step`, so nothing bad is ever written to a checkpoint.
-  The anchors are a trace-time constant of the batch's canvas (one compilation per canvas)."""
+def loss_and_grads(params, batch_stats, batch: dict[str, jax.Array], *, model,
+                   config: ml_collections.ConfigDict):
+  """The detection loss of `batch` and its gradient by `params` (the train step's own):
+  -> ((loss, (parts, new batch_stats)), grads). The anchors are a trace-time constant of the
+  batch's canvas (one compilation per canvas)."""
   anchors = make_anchors(config, batch['image'].shape[1:3])
   images = normalize(batch, config)
   trains_bn = config.model.norm == 'bn'
 
   def loss_fn(params):
-    variables = {'params': params, 'batch_stats': state.batch_stats}
+    variables = {'params': params, 'batch_stats': batch_stats}
     if trains_bn:
       outputs, updates = model.apply(variables, images, train=True, mutable=['batch_stats'])
       new_stats = updates['batch_stats']
     else:
       outputs = model.apply(variables, images, train=True)
-      new_stats = state.batch_stats
+      new_stats = batch_stats
     loss, parts = losses.detection_loss(outputs, batch, jnp.asarray(anchors), config)
     return loss, (parts, new_stats)
 
-  (loss, (parts, new_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  return jax.value_and_grad(loss_fn, has_aux=True)(params)
+
+
+def train_step(state: TrainState, batch: dict[str, jax.Array], *, model,
+               config: ml_collections.ConfigDict, tx: optax.GradientTransformation
+               ) -> tuple[TrainState, dict[str, jax.Array]]:
+  """One SGD step on the global batch. A non-finite loss or gradient leaves the state as it was
+  and records the step in `first_bad_step`, so nothing bad is ever written to a checkpoint."""
+  (loss, (parts, new_stats)), grads = loss_and_grads(state.params, state.batch_stats, batch,
+                                                     model=model, config=config)
   updates, new_opt_state = tx.update(grads, state.opt_state, state.params)
   new_params = optax.apply_updates(state.params, updates)
   grad_norm = optax.tree.norm(grads)
@@ -238,7 +255,8 @@ def abstract_batch(config, mesh, canvas=None) -> dict[str, jax.ShapeDtypeStruct]
   square bucket when None)."""
   b, g = config.batch_size, config.data.max_boxes
   hc, wc = image_size(config) if canvas is None else canvas
-  shapes = {'image': ((b, hc, wc, 3), jnp.uint8), 'image_hw': ((b, 2), jnp.int32),
+  shapes = {'image': ((b, hc, wc, 3), pipeline.image_dtype(config.data)),
+            'image_hw': ((b, 2), jnp.int32),
             'boxes': ((b, g, 4), jnp.float32), 'labels': ((b, g), jnp.int32),
             'is_crowd': ((b, g), jnp.bool_), 'box_valid': ((b, g), jnp.bool_)}
   sharding = sharding_lib.batch_sharding(mesh)

@@ -15,33 +15,10 @@ from retina_jax import config as config_lib  # pylint: disable=g-import-not-at-t
 from retina_jax import convert  # pylint: disable=wrong-import-position
 from retina_jax import models  # pylint: disable=wrong-import-position
 from retina_jax.models import resnet  # pylint: disable=wrong-import-position
+from tests.torchvision_reference import numpy_state_dict, randomize_  # pylint: disable=wrong-import-position
 
 _ROOT = pathlib.Path(__file__).resolve().parents[1]
 _SCRIPT = _ROOT / 'scripts' / 'convert_torchvision.py'
-
-
-def randomize_(model):
-  """Non-default BN statistics and affine, biases and head weights, so that eps, the frozen-BN
-  formula, a transposed kernel or a swapped bias all show; magnitudes stay O(1) through R50."""
-  gen = torch.Generator().manual_seed(0)
-  with torch.no_grad():
-    for module in model.modules():
-      if isinstance(module, torch.nn.BatchNorm2d):
-        c = module.num_features
-        module.running_mean.copy_(0.2 * torch.randn(c, generator=gen))
-        module.running_var.copy_(0.5 + 1.5 * torch.rand(c, generator=gen))
-        module.weight.copy_(0.3 + 0.4 * torch.rand(c, generator=gen))
-        module.bias.copy_(0.1 * torch.randn(c, generator=gen))
-      elif isinstance(module, torch.nn.Conv2d):
-        module.weight.mul_(1 + 0.1 * torch.randn(module.weight.shape, generator=gen))
-        if module.bias is not None:
-          module.bias.copy_(0.05 * torch.randn(module.bias.shape, generator=gen))
-  return model.eval()
-
-
-def numpy_state_dict(model, keep_num_batches_tracked=True):
-  return {k: v.numpy() for k, v in model.state_dict().items()
-          if keep_num_batches_tracked or not k.endswith('num_batches_tracked')}
 
 
 @pytest.fixture(scope='module')

@@ -49,7 +49,7 @@ def test_preprocess_matches_numpy_oracle(flip):
   row = pipeline.preprocess(ex, min_size=64, max_size=100, image_size=128, max_boxes=5, flip=flip)
   scale = 64 / 30
   nh, nw = 64, round(40 * scale)
-  assert row['scale'] == np.float32(scale)
+  np.testing.assert_array_equal(row['scale'], [np.float32(scale)] * 2)
   np.testing.assert_array_equal(row['image_hw'], [nh, nw])
   np.testing.assert_array_equal(row['orig_hw'], [30, 40])
   resized = np.asarray(Image.fromarray(ex['image']).resize((nw, nh), Image.BILINEAR))
@@ -72,7 +72,7 @@ def test_resize_caps_and_max_boxes():
   ex = _example(h=30, w=120, n=4, crowd=(True, False, False, False))
   row = pipeline.preprocess(ex, min_size=64, max_size=200, image_size=128, max_boxes=2, flip=False)
   np.testing.assert_array_equal(row['image_hw'], [32, 128])  # Bucket cap beats max_size.
-  assert row['scale'] == np.float32(128 / 120)
+  np.testing.assert_array_equal(row['scale'], [np.float32(128 / 120)] * 2)
   np.testing.assert_array_equal(row['labels'], [2, 3])  # Crowd dropped first, then the last.
   assert row['box_valid'].all() and not row['is_crowd'].any()
   assert pipeline.resize_scale(800, 1200, 800, 1333, 1408) == 1.0
@@ -189,7 +189,7 @@ def test_eval_sees_every_image_once_across_hosts(shapes_root, num_images):
   first = per_host[0][0]
   assert first['image'].shape == (2, 128, 128, 3)
   np.testing.assert_array_equal(first['orig_hw'][0], src.original_hw[0])
-  np.testing.assert_allclose(first['scale'][0], first['image_hw'][0].max() / src.original_hw[0].max(),
+  np.testing.assert_allclose(first['scale'][0], first['image_hw'][0] / src.original_hw[0],
                              rtol=0.02)
   gt = src.coco_gt(num_images)
   assert sorted(im['id'] for im in gt['images']) == sorted(ids.tolist())

@@ -84,7 +84,7 @@ def test_eval_batches_over_tfds_on_two_hosts():
       ids += b['image_id'][b['example_valid']].tolist()
       if b['example_valid'][0] and b['image_id'][0] == 139:
         np.testing.assert_allclose(b['boxes'][0, :2], [[64, 16, 128, 48], [0, 0, 32, 32]])
-        assert b['scale'][0] == 1.6 and b['box_valid'][0].sum() == 2
+        assert (b['scale'][0] == np.float32(1.6)).all() and b['box_valid'][0].sum() == 2
   assert sorted(ids) == [139, 285, 632]
 
 

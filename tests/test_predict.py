@@ -18,8 +18,10 @@ from tests import tiny_detector
 def test_to_original_coords_divides_by_scale_and_clips():
   dets = {'boxes': np.array([[[10, 20, 50, 60], [-4, -2, 300, 90]]], np.float32),
           'scores': np.array([[0.9, 0.8]], np.float32), 'valid': np.array([[True, True]])}
-  out = inference.to_original_coords(dets, np.array([2.0]), np.array([[40, 100]]))
+  out = inference.to_original_coords(dets, np.array([[2.0, 2.0]]), np.array([[40, 100]]))
   np.testing.assert_allclose(out['boxes'], [[[5, 10, 25, 30], [0, 0, 100, 40]]])
+  out = inference.to_original_coords(dets, np.array([[4.0, 2.0]]), np.array([[40, 100]]))  # sy, sx
+  np.testing.assert_allclose(out['boxes'], [[[5, 5, 25, 15], [0, 0, 100, 22.5]]])
   np.testing.assert_array_equal(out['scores'], dets['scores'])
 
 

@@ -3,6 +3,7 @@
 Host batch (numpy; this host's rows of the global batch; the lead's sharding code assembles the
 global jax.Array):
   'image'         uint8   [B, S, S, 3] RGB, the resized image at the top left, 0 elsewhere
+                          (float32 under config.data.resize='torchvision': `image_dtype`)
                           (evaluation: [B, Hc, Wc, 3], one canvas per batch, `eval_canvas`)
   'image_hw'      int32   [B, 2] (h, w) of the valid resized region
   'boxes'         float32 [B, G, 4] (x1, y1, x2, y2) in resized pixels (0 where padded)
@@ -13,7 +14,8 @@ global jax.Array):
                           int64 because data sets use ids past 2**31 (never sent to devices,
                           where jax would truncate it to int32)
   'orig_hw'       int32   [B, 2] (h, w) of the original image
-  'scale'         float32 [B] resized = original * scale (boxes and sides alike)
+  'scale'         float32 [B, 2] (sy, sx): box coordinates resized = original * s per axis
+                          (config.data.resize: `resize_geometry`)
   'example_valid' bool    [B] False on eval padding (and on skipped unreadable images)
 S = config.data.image_size, G = config.data.max_boxes. Normalisation happens on device
 (`normalize_images`), so the host ships 1 byte per channel.
@@ -81,7 +83,79 @@ def resized_hw(h: int, w: int, scale: float, image_size: int) -> tuple[int, int]
   return (min(image_size, max(1, round(h * scale))), min(image_size, max(1, round(w * scale))))
 
 
-BUCKETS = ('orientation', 'square')
+# config.data.resize:
+#   'pil': PIL bilinear on the uint8 image, sides round(side * scale), boxes times scale; the
+#     host ships uint8 (the fastest input path; the default).
+#   'torchvision': torchvision's GeneralizedRCNNTransform: bilinear interpolation of the float
+#     image (F.interpolate, scale factor, recompute_scale_factor=True so sides floor(side *
+#     scale), align_corners=False, no antialias), boxes times the per-axis ratio resized /
+#     original; the host ships float32 (4x the bytes). Converted torchvision weights then
+#     predict and train exactly as in torchvision.
+RESIZE_RULES = ('pil', 'torchvision')
+
+
+def resize_geometry(h: int, w: int, min_size: int, max_size: int, image_size: int,
+                    rule: str = 'pil') -> tuple[tuple[int, int], tuple[float, float]]:
+  """The resize of an h x w image under `rule` (RESIZE_RULES), from its size alone.
+
+  Returns ((nh, nw) resized sides, (sy, sx) float32): box coordinates map as resized =
+  original * s per axis, and back as original = resized / s.
+  """
+  if rule == 'pil':
+    scale = resize_scale(h, w, min_size, max_size, image_size)
+    return resized_hw(h, w, scale, image_size), (np.float32(scale), np.float32(scale))
+  if rule != 'torchvision':
+    raise ValueError(f'config.data.resize must be one of {RESIZE_RULES}, got {rule!r}.')
+  # Python floats as torchvision computes them (min(self_min_size / min_size, ...)), and
+  # F.interpolate's output size int(side * scale_factor) in double precision; the bucket term
+  # only binds when the bucket is smaller than max_size, where no rule can be torchvision's.
+  scale = min(min_size / min(h, w), max_size / max(h, w), image_size / max(h, w))
+  nh, nw = max(1, int(h * scale)), max(1, int(w * scale))
+  return (nh, nw), (np.float32(nh) / np.float32(h), np.float32(nw) / np.float32(w))
+
+
+def _linear_taps(in_size: int, out_size: int):
+  """ATen's bilinear taps along one axis (align_corners=False, the scale recomputed as
+  in_size / out_size in float32): -> (i0, i1 int [out], w0, w1 float32 [out]).
+
+  The source coordinate scale * (dst + 0.5) - 0.5 is rounded to float32 once, as ATen's fused
+  multiply-add does (in float64 the product of two float32s is exact); rounding the product
+  first moves weights by up to 3e-5 at 1000-pixel sides."""
+  scale = np.float64(np.float32(in_size) / np.float32(out_size))
+  src = (scale * (np.arange(out_size, dtype=np.float64) + 0.5) - 0.5).astype(np.float32)
+  src = np.maximum(src, np.float32(0))
+  i0 = src.astype(np.int64)
+  w1 = np.minimum(src - i0.astype(np.float32), np.float32(1))
+  return i0, np.minimum(i0 + 1, in_size - 1), np.float32(1) - w1, w1
+
+
+def resize_image(image: np.ndarray, hw: tuple[int, int], rule: str = 'pil') -> np.ndarray:
+  """uint8 [H, W, 3] -> [nh, nw, 3] as `rule` resizes (see RESIZE_RULES): uint8 for 'pil',
+  float32 (pixel values 0..255, not normalised) for 'torchvision'.
+
+  'torchvision' interpolates width then height with ATen's taps and in its order of the
+  products, so it equals F.interpolate of the normalised image after normalising (bilinear
+  weights sum to 1) to float32 rounding.
+  """
+  nh, nw = hw
+  if rule == 'pil':
+    if (nh, nw) == image.shape[:2]:
+      return image
+    return np.asarray(Image.fromarray(image).resize((nw, nh), Image.BILINEAR))
+  x = image.astype(np.float32)
+  i0, i1, w0, w1 = _linear_taps(image.shape[1], nw)
+  x = x[:, i0] * w0[None, :, None] + x[:, i1] * w1[None, :, None]
+  i0, i1, w0, w1 = _linear_taps(image.shape[0], nh)
+  return x[i0] * w0[:, None, None] + x[i1] * w1[:, None, None]
+
+
+def image_dtype(data_config) -> type:
+  """dtype of the host batch's 'image': uint8, or float32 under config.data.resize='torchvision'
+  (its interpolated pixels are not integers)."""
+  return np.float32 if data_config.get('resize', 'pil') == 'torchvision' else np.uint8
+
+
+BUCKETS = ('orientation', 'square', 'torchvision')
 
 
 def _ceil_multiple(x: int, m: int = anchors_lib.SIZE_MULTIPLE) -> int:
@@ -96,10 +170,21 @@ def canvas_for(data_config, h: int, w: int, buckets: str) -> tuple[int, int]:
       min(max_size, S), rounded up to multiples of 32. COCO's 800 / 1333 in a 1408 bucket gives
       800 x 1344 and 1344 x 800 (torchvision's own canvas for a 800 x 1333 image): 46% fewer
       pixels than 1408 x 1408. The resize is the same either way; only the padding differs.
+    'torchvision': the image's own resized sides rounded up to multiples of 32, as torchvision
+      pads an image run alone (a torchvision batch pads to the largest of these). Exact
+      torchvision outputs need it (wider padding changes the features near the border and the
+      P6/P7 strides of stride_rule='image_over_grid'), at one compilation per canvas. For
+      800 / 1333 a canvas has a side of 800 with the other in 800..1344 (35 canvases), or a
+      side of 1344 (the cap) with the other in 32..768 (48 more): at most 83, whatever the
+      data set, each compiled once and kept by the detector's jit cache.
   """
   s = int(data_config.image_size)
   if buckets == 'square':
     return s, s
+  if buckets == 'torchvision':
+    (nh, nw), _ = resize_geometry(h, w, int(data_config.min_size), int(data_config.max_size), s,
+                                  data_config.get('resize', 'pil'))
+    return _ceil_multiple(nh), _ceil_multiple(nw)
   if buckets != 'orientation':
     raise ValueError(f'config.data.train_buckets / eval_buckets must be one of {BUCKETS}, '
                      f'got {buckets!r}.')
@@ -129,23 +214,22 @@ def eval_canvases(data_config) -> dict[str, tuple[int, int]]:
 
 def preprocess(example: dict, *, min_size: int, max_size: int, image_size: int, max_boxes: int,
                flip: bool, image_out: np.ndarray | None = None,
-               canvas: tuple[int, int] | None = None) -> dict[str, Any]:
+               canvas: tuple[int, int] | None = None, resize: str = 'pil') -> dict[str, Any]:
   """One source example -> one row of the host batch (see the module docstring for layouts).
 
   example: 'image' uint8 [H, W, 3]; 'boxes' float32 [n, 4] (x1, y1, x2, y2) original pixels;
   'labels' int32 [n]; 'is_crowd' bool [n]; 'image_id' int. Objects beyond max_boxes are dropped,
   crowd regions first (they only ever cause ignored anchors), then the last ones in file order.
-  image_out: optional all-zero uint8 [Hc, Wc, 3] to write the padded image into (a row of the
-  batch array, which saves copying megabytes per image at 800 px).
+  image_out: optional all-zero [Hc, Wc, 3] array of `image_dtype` to write the padded image
+  into (a row of the batch array, which saves copying megabytes per image at 800 px).
   canvas: (Hc, Wc) of the padded image; (S, S) when None. Must hold the resized image.
+  resize: the resize rule, config.data.resize (RESIZE_RULES).
   """
   image = example['image']
   h, w = image.shape[:2]
-  scale = resize_scale(h, w, min_size, max_size, image_size)
-  nh, nw = resized_hw(h, w, scale, image_size)
-  if (nh, nw) != (h, w):
-    image = np.asarray(Image.fromarray(image).resize((nw, nh), Image.BILINEAR))
-  boxes = example['boxes'].astype(np.float32) * np.float32(scale)
+  (nh, nw), (sy, sx) = resize_geometry(h, w, min_size, max_size, image_size, resize)
+  image = resize_image(image, (nh, nw), resize)
+  boxes = example['boxes'].astype(np.float32) * np.asarray([sx, sy, sx, sy], np.float32)
   boxes = np.clip(boxes, 0, np.asarray([nw, nh, nw, nh], np.float32))  # Rounding of the sides.
   if flip:
     image = image[:, ::-1]
@@ -162,24 +246,25 @@ def preprocess(example: dict, *, min_size: int, max_size: int, image_size: int, 
   if nh > canvas[0] or nw > canvas[1]:
     raise ValueError(f'Image id {example["image_id"]}: resized to {nh}x{nw}, larger than the '
                      f'{canvas[0]}x{canvas[1]} canvas.')
-  padded = np.zeros((*canvas, 3), np.uint8) if image_out is None else image_out
+  padded = np.zeros((*canvas, 3), image.dtype) if image_out is None else image_out
   padded[:nh, :nw] = image
   return {
       'image': padded, 'image_hw': np.asarray([nh, nw], np.int32), 'boxes': out_boxes,
       'labels': labels, 'is_crowd': crowd, 'box_valid': np.arange(max_boxes) < n,
       'image_id': np.int64(example['image_id']), 'orig_hw': np.asarray([h, w], np.int32),
-      'scale': np.float32(scale), 'example_valid': np.bool_(True)}
+      'scale': np.asarray([sy, sx], np.float32), 'example_valid': np.bool_(True)}
 
 
-def _blank_batch(batch_size: int, canvas: tuple[int, int], max_boxes: int) -> dict[str, np.ndarray]:
+def _blank_batch(batch_size: int, canvas: tuple[int, int], max_boxes: int,
+                 image_dtype: type) -> dict[str, np.ndarray]:
   """Rows that carry nothing (eval padding, skipped images) until a row is written."""
   b, g = batch_size, max_boxes
   return {
-      'image': np.zeros((b, *canvas, 3), np.uint8), 'image_hw': np.zeros((b, 2), np.int32),
+      'image': np.zeros((b, *canvas, 3), image_dtype), 'image_hw': np.zeros((b, 2), np.int32),
       'boxes': np.zeros((b, g, 4), np.float32), 'labels': np.zeros((b, g), np.int32),
       'is_crowd': np.zeros((b, g), bool), 'box_valid': np.zeros((b, g), bool),
       'image_id': np.full((b,), -1, np.int64), 'orig_hw': np.zeros((b, 2), np.int32),
-      'scale': np.ones((b,), np.float32), 'example_valid': np.zeros((b,), bool)}
+      'scale': np.ones((b, 2), np.float32), 'example_valid': np.zeros((b,), bool)}
 
 
 
@@ -255,6 +340,8 @@ class _Batcher:
                        f'(the stride of C5), got {self.image_size}.')
     self.max_boxes = int(data_config.max_boxes)
     self.min_size, self.max_size = int(data_config.min_size), int(data_config.max_size)
+    self.resize = data_config.get('resize', 'pil')
+    self.image_dtype = image_dtype(data_config)
     self.skip_bad_images = bool(data_config.get('skip_bad_images', False))
     self.prefetch = int(data_config.get('prefetch_batches', 2))
     self._pool = concurrent.futures.ThreadPoolExecutor(
@@ -282,7 +369,8 @@ class _Batcher:
                           self.max_boxes)
     row = preprocess(example, min_size=self.min_size, max_size=self.max_size,
                      image_size=self.image_size, max_boxes=self.max_boxes, flip=flip,
-                     image_out=batch['image'][r], canvas=batch['image'].shape[1:3])
+                     image_out=batch['image'][r], canvas=batch['image'].shape[1:3],
+                     resize=self.resize)
     for k, v in row.items():
       if k != 'image':
         batch[k][r] = v
@@ -292,7 +380,7 @@ class _Batcher:
     """rows: (source index, flip) per batch row, None for padding -> the batch, every image
     padded to `canvas` (S x S when None)."""
     canvas = (self.image_size, self.image_size) if canvas is None else tuple(canvas)
-    batch = _blank_batch(len(rows), canvas, self.max_boxes)
+    batch = _blank_batch(len(rows), canvas, self.max_boxes, self.image_dtype)
     jobs = [self._pool.submit(self._write_row, batch, r, int(row[0]), bool(row[1]))
             for r, row in enumerate(rows) if row is not None]
     for job in jobs:
@@ -496,7 +584,8 @@ def eval_batches(source: Source, data_config, global_batch_size: int, *,
 
 def normalize_images(images: jax.Array, image_hw: jax.Array, mean: Sequence[float],
                      std: Sequence[float]) -> jax.Array:
-  """On device: uint8 [B, S, S, 3] -> float32 [B, S, S, 3], (x - mean) / std, 0 outside image_hw.
+  """On device: uint8 or float32 [B, S, S, 3] -> float32 [B, S, S, 3], (x - mean) / std, 0
+  outside image_hw.
 
   image_hw: int [B, 2] (h, w) of the valid top-left region. The padding is exactly 0 after
   normalising, as torchvision pads normalised images (a padded 0 pixel would otherwise become

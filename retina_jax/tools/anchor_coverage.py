@@ -4,7 +4,7 @@
       [--split train] [--max_images 0] [--json OUT.json]
 
 For every non-crowd ground-truth box: resize it into the bucket exactly as the input pipeline
-resizes its image (`pipeline.resize_scale`, clipped to the resized image), and take its best IoU
+resizes its image (`pipeline.resize_geometry` under config.data.resize, clipped to the resized image), and take its best IoU
 over all anchors of the padded bucket (config.anchors, levels P{min_level}..P{max_level}). The
 share of boxes whose best IoU reaches 0.5 (they get a foreground anchor from the IoU rule) and
 0.4 (at least not all background), by COCO object size. The size classes use COCO's definition,
@@ -51,11 +51,11 @@ def resized_boxes(coco_gt: dict, data_cfg) -> tuple[np.ndarray, np.ndarray]:
     if ann.get('iscrowd', 0) or ann['image_id'] not in hw:
       continue
     h, w = hw[ann['image_id']]
-    scale = pipeline.resize_scale(h, w, data_cfg.min_size, data_cfg.max_size,
-                                  data_cfg.image_size)
-    nh, nw = pipeline.resized_hw(h, w, scale, data_cfg.image_size)
+    (nh, nw), (sy, sx) = pipeline.resize_geometry(h, w, data_cfg.min_size, data_cfg.max_size,
+                                                  data_cfg.image_size, data_cfg.resize)
     x, y, bw, bh = ann['bbox']
-    box = np.asarray([x, y, x + bw, y + bh], np.float32) * np.float32(scale)
+    box = np.asarray([x, y, x + bw, y + bh], np.float32) * np.asarray([sx, sy, sx, sy],
+                                                                      np.float32)
     boxes.append(np.clip(box, 0, np.asarray([nw, nh, nw, nh], np.float32)))
     areas.append(float(ann.get('area') or bw * bh))
   return (np.asarray(boxes, np.float32).reshape(-1, 4), np.asarray(areas, np.float64))

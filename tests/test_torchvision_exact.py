@@ -1,0 +1,179 @@
+"""Converted torchvision weights under experiments/torchvision_compat.py give torchvision's own
+outputs on images it resizes (up, down past the max_size cap, portrait, odd sizes): through
+`predict --json`, through `evaluate` on a COCO-format folder, and in a training step (losses,
+gradients, SGD update). torchvision's model with its own GeneralizedRCNNTransform is the oracle.
+
+A ResNet-18 RetinaNet with 64-channel FPN and heads at min_size 128 / max_size 200 keeps every
+torchvision forward and our compiles small; the conventions checked are those of any size.
+"""
+
+import json
+import pathlib
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from PIL import Image
+
+torch = pytest.importorskip('torch', reason='torch is needed for the torchvision reference tests')
+
+from retina_jax import config as config_lib  # pylint: disable=wrong-import-position
+from retina_jax import convert  # pylint: disable=wrong-import-position
+from retina_jax import export as export_lib  # pylint: disable=wrong-import-position
+from retina_jax import models  # pylint: disable=wrong-import-position
+from retina_jax import train  # pylint: disable=wrong-import-position
+from retina_jax.data import pipeline  # pylint: disable=wrong-import-position
+from tests import tiny_detector  # pylint: disable=wrong-import-position
+from tests import torchvision_reference  # pylint: disable=wrong-import-position
+
+_ROOT = pathlib.Path(__file__).resolve().parents[1]
+_COMPAT = str(_ROOT / 'experiments' / 'torchvision_compat.py')
+MIN_SIZE, MAX_SIZE = 128, 200
+# (h, w) -> resized by torchvision at 128 / 200: upsampled landscape 128x196 and portrait
+# 194x128, downsampled past the cap 121x200 and 199x121; no side a multiple of 32, and two
+# canvases (128x224, 224x128) for the four, so that there are two compilations.
+SIZES = ((75, 115), (117, 77), (250, 410), (411, 250))
+_OVERRIDES = {'model.backbone': 'resnet18', 'model.fpn_channels': 64,
+              'model.head_channels': 64, 'data.min_size': MIN_SIZE, 'data.max_size': MAX_SIZE,
+              'data.image_size': 224}
+
+
+def compat_config():
+  config = config_lib.load_experiment(_COMPAT).get_config()
+  for key, value in _OVERRIDES.items():
+    config_lib.set_by_path(config, key, value)
+  return config
+
+
+def _cli_overrides() -> list[str]:
+  return [f'--config.{k}={v}' for k, v in _OVERRIDES.items()]
+
+
+def _photo(h, w, seed):
+  """Smooth content with noise on top: the resize's interpolation shows in every pixel."""
+  rng = np.random.default_rng(seed)
+  small = rng.integers(0, 256, (max(h // 6, 2), max(w // 6, 2), 3)).astype(np.uint8)
+  smooth = np.asarray(Image.fromarray(small).resize((w, h), Image.BILINEAR), np.int16)
+  return np.clip(smooth + rng.integers(-20, 21, (h, w, 3)), 0, 255).astype(np.uint8)
+
+
+def _as_tensor(image: np.ndarray):
+  return torch.from_numpy(image.transpose(2, 0, 1).astype(np.float32) / 255.0)
+
+
+@pytest.fixture(scope='module')
+def tv_model():
+  return torchvision_reference.small_retinanet(MIN_SIZE, MAX_SIZE)
+
+
+@pytest.fixture(scope='module')
+def params_file(tv_model, tmp_path_factory):
+  variables, report = convert.convert_state_dict(torchvision_reference.numpy_state_dict(tv_model))
+  assert not report.missing and not report.unexpected
+  path = tmp_path_factory.mktemp('converted') / 'params.msgpack'
+  convert.save_variables(variables, str(path))
+  return path
+
+
+@pytest.fixture(scope='module')
+def images(tmp_path_factory):
+  folder = tmp_path_factory.mktemp('images')
+  out = []
+  for i, (h, w) in enumerate(SIZES):
+    path = folder / f'{h}x{w}.png'  # Lossless, so both sides decode the same pixels.
+    Image.fromarray(_photo(h, w, seed=i)).save(path)
+    out.append(path)
+  return out
+
+
+def _torchvision_detections(tv_model, path):
+  tv_model.eval()
+  with torch.no_grad():
+    out = tv_model([_as_tensor(np.asarray(Image.open(path).convert('RGB')))])[0]
+  return {k: v.numpy() for k, v in out.items()}
+
+
+def assert_same_detections(want, boxes, scores, labels, what):
+  """One-to-one: each torchvision detection has its own of ours with the same label, score
+  within 1e-4 and box within 0.05 px (near-equal scores may come in another order)."""
+  assert len(scores) == len(want['scores']), what
+  assert len(want['scores']) > 100, what  # Many detections, so the comparison means something.
+  free = np.ones(len(scores), bool)
+  for box, score, label in zip(want['boxes'], want['scores'], want['labels']):
+    diff = np.maximum(np.abs(boxes - box).max(axis=1) / 0.05, np.abs(scores - score) / 1e-4)
+    diff = np.where(free & (labels == label), diff, np.inf)
+    i = int(np.argmin(diff))
+    assert diff[i] <= 1, (what, box, score, label, boxes[i], scores[i])
+    free[i] = False
+
+
+def test_resize_rule_is_torchvisions_interpolate():
+  for i, (h, w) in enumerate(SIZES + ((480, 640), (1080, 1920))):
+    image = _photo(h, w, seed=i)
+    for min_size, max_size in ((MIN_SIZE, MAX_SIZE), (800, 1333)):
+      (nh, nw), (sy, sx) = pipeline.resize_geometry(h, w, min_size, max_size, 1408, 'torchvision')
+      scale = min(min_size / min(h, w), max_size / max(h, w))
+      want = torch.nn.functional.interpolate(
+          _as_tensor(image)[None], scale_factor=scale, mode='bilinear',
+          recompute_scale_factor=True, align_corners=False)[0].numpy().transpose(1, 2, 0)
+      got = pipeline.resize_image(image, (nh, nw), 'torchvision')
+      assert got.shape == want.shape
+      np.testing.assert_allclose(got / 255.0, want, rtol=0, atol=2e-6)
+      assert (sy, sx) == (np.float32(nh) / np.float32(h), np.float32(nw) / np.float32(w))
+
+
+def test_predict_cli_gives_torchvisions_detections(tv_model, params_file, images, tmp_path):
+  # A persistent compilation cache: the second image of a canvas loads the first's detector.
+  env = tiny_detector.subprocess_env(JAX_COMPILATION_CACHE_DIR=str(tmp_path / 'jax_cache'),
+                                     JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0')
+  for path in images:
+    out = tmp_path / f'{path.stem}.json'
+    subprocess.run(
+        [sys.executable, '-m', 'retina_jax.predict', f'--config={_COMPAT}', *_cli_overrides(),
+         f'--params={params_file}', f'--image={path}', f'--json={out}'],
+        check=True, capture_output=True, text=True, env=env)
+    dets = json.loads(out.read_text())['detections']
+    want = _torchvision_detections(tv_model, path)
+    assert len(want['scores']) == tv_model.detections_per_img  # The cap binds: all 300.
+    xywh = np.asarray([d['bbox'] for d in dets], np.float64).reshape(-1, 4)
+    assert_same_detections(want, np.concatenate([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], 1),
+                           np.asarray([d['score'] for d in dets]),
+                           np.asarray([d['category_id'] for d in dets]), path.name)
+
+
+def test_evaluate_cli_gives_torchvisions_detections(tv_model, params_file, images, tmp_path):
+  """A COCO-format folder of the same images; every image's entries in detections_val.json
+  are torchvision's detections of that image run alone."""
+  root = tmp_path / 'coco'
+  (root / 'val').mkdir(parents=True)
+  (root / 'annotations').mkdir()
+  names = export_lib.torchvision_coco_v1().names
+  gt = {'images': [], 'annotations': [],
+        'categories': [{'id': i, 'name': n} for i, n in enumerate(names)
+                       if n not in ('__background__', 'N/A')]}
+  for image_id, path in enumerate(images, start=1):
+    (root / 'val' / path.name).write_bytes(path.read_bytes())
+    h, w = np.asarray(Image.open(path)).shape[:2]
+    gt['images'].append({'id': image_id, 'file_name': path.name, 'height': h, 'width': w})
+    gt['annotations'].append({'id': image_id, 'image_id': image_id, 'category_id': 1,
+                              'bbox': [2, 3, w / 2, h / 3], 'area': w * h / 6, 'iscrowd': 0})
+  (root / 'annotations' / 'instances_val.json').write_text(json.dumps(gt))
+  out = tmp_path / 'eval'
+  subprocess.run(
+      [sys.executable, '-m', 'retina_jax.evaluate', f'--config={_COMPAT}', *_cli_overrides(),
+       '--config.data.name=coco_format', f'--config.data.root={root}',
+       '--config.data.eval_split=val', '--config.eval_batch_size=1', '--config.data.num_workers=1',
+       f'--params={params_file}', f'--workdir={out}'],
+      check=True, capture_output=True, text=True,
+      env=tiny_detector.subprocess_env(XLA_FLAGS='--xla_force_host_platform_device_count=1'))
+  results = json.loads((out / 'detections_val.json').read_text())
+  for image_id, path in enumerate(images, start=1):
+    mine = [r for r in results if r['image_id'] == image_id]
+    xywh = np.asarray([r['bbox'] for r in mine], np.float64).reshape(-1, 4)
+    assert_same_detections(_torchvision_detections(tv_model, path),
+                           np.concatenate([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], 1),
+                           np.asarray([r['score'] for r in mine]),
+                           np.asarray([r['category_id'] for r in mine]), path.name)
