@@ -227,7 +227,7 @@ def test_converted_retinanet_gives_torchvision_detections_end_to_end(torch_retin
   variables, _ = convert.convert_state_dict(numpy_state_dict(tv))
   detect = inference.make_detect_fn(config)
   dets = detect(variables, jnp.asarray(image[None]), jnp.asarray([[288, 416]], jnp.int32))
-  got = inference.to_original_coords(dets, [1.0], [[288, 416]])
+  got = inference.to_original_coords(dets, [[1.0, 1.0]], [[288, 416]])
   valid = got['valid'][0]
   # Our labels are contiguous indices into the 91 torchvision rows: the same numbers.
   assert_same_detections(want, {k: got[k][0][valid] for k in ('boxes', 'scores', 'labels')})

@@ -177,3 +177,97 @@ def test_evaluate_cli_gives_torchvisions_detections(tv_model, params_file, image
                            np.concatenate([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], 1),
                            np.asarray([r['score'] for r in mine]),
                            np.asarray([r['category_id'] for r in mine]), path.name)
+
+
+def _train_example(h, w, seed):
+  """An image with 3 objects (original pixels), labels in torchvision's 1..90."""
+  rng = np.random.default_rng(seed)
+  xy = rng.uniform(0, 0.5, (3, 2)) * [w, h]
+  wh = rng.uniform(0.2, 0.5, (3, 2)) * [w, h]
+  return {'image': _photo(h, w, seed), 'boxes': np.concatenate([xy, xy + wh], 1).astype(np.float32),
+          'labels': rng.integers(1, 91, 3).astype(np.int32), 'is_crowd': np.zeros(3, bool),
+          'image_id': seed}
+
+
+def _torchvision_step(tv_model, examples, optimizer):
+  """torchvision's train-mode losses and gradients, then `optimizer.step()` (as its reference
+  engine: the sum of the loss dict, backward, step) -> (losses, grads by state-dict name)."""
+  tv_model.train()
+  optimizer.zero_grad()
+  losses = tv_model([_as_tensor(e['image']) for e in examples],
+                    [{'boxes': torch.from_numpy(e['boxes']),
+                      'labels': torch.from_numpy(e['labels']).long()} for e in examples])
+  sum(losses.values()).backward()
+  grads = {n: p.grad.numpy().copy() for n, p in tv_model.named_parameters() if p.requires_grad}
+  optimizer.step()
+  return {k: v.item() for k, v in losses.items()}, grads
+
+
+def _as_our_tree(tv_model, named: dict) -> dict:
+  """torchvision-named arrays (gradients, updated weights) -> our 'params' tree, through the
+  converter (the state dict fills in what `named` lacks, so the architecture reads the same)."""
+  sd = torchvision_reference.numpy_state_dict(tv_model)
+  variables, _ = convert.convert_state_dict({**sd, **named})
+  return variables['params']
+
+
+def _assert_trees_close(got, want, params, rtol, what):
+  """Every trained leaf (not frozen by config.model.freeze_at=2) within rtol of want, relative
+  to want's norm; head, FPN and backbone leaves all take part."""
+  frozen = models.frozen_mask(params, 2)
+  checked = set()
+  for (path, g), w, f in zip(jax.tree_util.tree_leaves_with_path(got), jax.tree.leaves(want),
+                             jax.tree.leaves(frozen)):
+    if f:
+      continue
+    name = jax.tree_util.keystr(path)
+    err = np.linalg.norm(np.asarray(g) - w) / np.linalg.norm(w)
+    assert err <= rtol, (what, name, err)
+    checked.add(name.split("'")[1])
+  assert checked == {'backbone', 'fpn', 'cls_head', 'box_head'}, checked
+
+
+@pytest.mark.parametrize('sizes', [((75, 115),), ((117, 77), (250, 410))], ids=['b1', 'b2'])
+def test_training_step_equals_torchvisions(sizes):
+  """Losses, gradients and two SGD steps (momentum, weight decay as torchvision's reference
+  scripts apply it: every trainable parameter) from the same weights and targets; batch 2 holds
+  a portrait and a landscape image, padded to the batch's largest sides as torchvision pads."""
+  tv_model = torchvision_reference.small_retinanet(MIN_SIZE, MAX_SIZE)
+  examples = [_train_example(h, w, seed=i) for i, (h, w) in enumerate(sizes)]
+  config = compat_config()
+  config.batch_size = len(examples)
+  # A large decay, so that decaying or not decaying the biases shows in the update.
+  config.optim.update(warmup_steps=0, weight_decay=0.05)
+  lr = float(train.learning_rate_schedule(config)(0))
+  optimizer = torch.optim.SGD([p for p in tv_model.parameters() if p.requires_grad], lr=lr,
+                              momentum=config.optim.momentum,
+                              weight_decay=config.optim.weight_decay)
+
+  canvas = np.max([pipeline.canvas_for(config.data, h, w, 'torchvision') for h, w in sizes], 0)
+  rows = [pipeline.preprocess(e, min_size=MIN_SIZE, max_size=MAX_SIZE, image_size=224,
+                              max_boxes=4, flip=False, canvas=tuple(canvas), resize='torchvision')
+          for e in examples]
+  batch = {k: jnp.asarray(np.stack([r[k] for r in rows])) for k in train.TRAIN_INPUTS}
+  variables, _ = convert.convert_state_dict(torchvision_reference.numpy_state_dict(tv_model))
+  model = models.create_model(config)
+  loss_and_grads = jax.jit(lambda p: train.loss_and_grads(p, variables['batch_stats'], batch,
+                                                          model=model, config=config))
+  params = jax.tree.map(jnp.asarray, variables['params'])
+  tx = train.make_optimizer(config, params)
+  opt_state = tx.init(params)
+  for step in range(2):
+    (_, (parts, _)), grads = loss_and_grads(params)
+    want_losses, want_grads = _torchvision_step(tv_model, examples, optimizer)
+    np.testing.assert_allclose(float(parts['cls_loss']), want_losses['classification'],
+                               rtol=1e-5)
+    np.testing.assert_allclose(float(parts['box_loss']), want_losses['bbox_regression'],
+                               rtol=1e-5)
+    _assert_trees_close(grads, _as_our_tree(tv_model, want_grads), params, 1e-4,
+                        f'gradients, step {step}')
+    updates, opt_state = tx.update(grads, opt_state, params)
+    params = jax.tree.map(lambda p, u: p + u, params, updates)
+    # The new weights to float32 rounding; leaving the biases undecayed would move them by
+    # lr * weight_decay >= 3e-5 relative.
+    new_weights = {n: p.detach().numpy() for n, p in tv_model.named_parameters()}
+    _assert_trees_close(params, _as_our_tree(tv_model, new_weights), params, 2e-6,
+                        f'weights after SGD step {step}')
