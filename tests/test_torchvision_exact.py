@@ -22,9 +22,9 @@ torch = pytest.importorskip('torch', reason='torch is needed for the torchvision
 
 from retina_jax import config as config_lib  # pylint: disable=wrong-import-position
 from retina_jax import convert  # pylint: disable=wrong-import-position
-from retina_jax import export as export_lib  # pylint: disable=wrong-import-position
 from retina_jax import models  # pylint: disable=wrong-import-position
 from retina_jax import train  # pylint: disable=wrong-import-position
+from retina_jax.data import categories  # pylint: disable=wrong-import-position
 from retina_jax.data import pipeline  # pylint: disable=wrong-import-position
 from tests import tiny_detector  # pylint: disable=wrong-import-position
 from tests import torchvision_reference  # pylint: disable=wrong-import-position
@@ -150,7 +150,7 @@ def test_evaluate_cli_gives_torchvisions_detections(tv_model, params_file, image
   root = tmp_path / 'coco'
   (root / 'val').mkdir(parents=True)
   (root / 'annotations').mkdir()
-  names = export_lib.torchvision_coco_v1().names
+  names = categories.torchvision_coco_v1().names
   gt = {'images': [], 'annotations': [],
         'categories': [{'id': i, 'name': n} for i, n in enumerate(names)
                        if n not in ('__background__', 'N/A')]}
