@@ -218,6 +218,18 @@ def test_eval_canvas_holds_every_resized_image():
     assert ch % 32 == 0 and cw % 32 == 0
 
 
+def test_torchvision_canvas_is_the_resized_sides_rounded_up_to_32():
+  cfg = config_lib.get_base_config().data
+  cfg.resize = cfg.eval_buckets = 'torchvision'
+  assert pipeline.eval_canvas(cfg, 480, 640) == (800, 1088)  # Resized 800 x 1066.
+  assert pipeline.eval_canvas(cfg, 640, 427) == (1216, 800)  # 1199 x 800.
+  assert pipeline.eval_canvas(cfg, 360, 640) == (768, 1344)  # Capped: 749 x 1333.
+  # The bound the README states for 800 / 1333: 83 canvases, whatever the sizes.
+  sides = range(16, 4000, 13)
+  canvases = {pipeline.eval_canvas(cfg, h, w) for h in sides for w in sides}
+  assert 75 < len(canvases) <= 83
+
+
 def test_eval_plan_groups_by_canvas_in_source_order():
   cfg = config_lib.get_base_config().data
   hw = [(480, 640), (640, 480), (480, 640), (427, 640), (640, 427), (500, 500), (480, 640)]

@@ -18,7 +18,7 @@ global jax.Array):
                           (config.data.resize: `resize_geometry`)
   'example_valid' bool    [B] False on eval padding (and on skipped unreadable images)
 S = config.data.image_size, G = config.data.max_boxes. Normalisation happens on device
-(`normalize_images`), so the host ships 1 byte per channel.
+(`normalize_images`), so the host ships 1 byte per channel (4 under resize='torchvision').
 
 Resume design: where the training data stands is a pure function of (seed, step), never of
 iterator state. Global example position p = step * global_batch + row; epoch e = p // N (N
@@ -152,7 +152,7 @@ def resize_image(image: np.ndarray, hw: tuple[int, int], rule: str = 'pil') -> n
 def image_dtype(data_config) -> type:
   """dtype of the host batch's 'image': uint8, or float32 under config.data.resize='torchvision'
   (its interpolated pixels are not integers)."""
-  return np.float32 if data_config.get('resize', 'pil') == 'torchvision' else np.uint8
+  return np.float32 if data_config.resize == 'torchvision' else np.uint8
 
 
 BUCKETS = ('orientation', 'square', 'torchvision')
@@ -183,7 +183,7 @@ def canvas_for(data_config, h: int, w: int, buckets: str) -> tuple[int, int]:
     return s, s
   if buckets == 'torchvision':
     (nh, nw), _ = resize_geometry(h, w, int(data_config.min_size), int(data_config.max_size), s,
-                                  data_config.get('resize', 'pil'))
+                                  data_config.resize)
     return _ceil_multiple(nh), _ceil_multiple(nw)
   if buckets != 'orientation':
     raise ValueError(f'config.data.train_buckets / eval_buckets must be one of {BUCKETS}, '
@@ -256,11 +256,11 @@ def preprocess(example: dict, *, min_size: int, max_size: int, image_size: int, 
 
 
 def _blank_batch(batch_size: int, canvas: tuple[int, int], max_boxes: int,
-                 image_dtype: type) -> dict[str, np.ndarray]:
+                 dtype: type) -> dict[str, np.ndarray]:
   """Rows that carry nothing (eval padding, skipped images) until a row is written."""
   b, g = batch_size, max_boxes
   return {
-      'image': np.zeros((b, *canvas, 3), image_dtype), 'image_hw': np.zeros((b, 2), np.int32),
+      'image': np.zeros((b, *canvas, 3), dtype), 'image_hw': np.zeros((b, 2), np.int32),
       'boxes': np.zeros((b, g, 4), np.float32), 'labels': np.zeros((b, g), np.int32),
       'is_crowd': np.zeros((b, g), bool), 'box_valid': np.zeros((b, g), bool),
       'image_id': np.full((b,), -1, np.int64), 'orig_hw': np.zeros((b, 2), np.int32),
@@ -340,7 +340,7 @@ class _Batcher:
                        f'(the stride of C5), got {self.image_size}.')
     self.max_boxes = int(data_config.max_boxes)
     self.min_size, self.max_size = int(data_config.min_size), int(data_config.max_size)
-    self.resize = data_config.get('resize', 'pil')
+    self.resize = data_config.resize
     self.image_dtype = image_dtype(data_config)
     self.skip_bad_images = bool(data_config.get('skip_bad_images', False))
     self.prefetch = int(data_config.get('prefetch_batches', 2))

@@ -4,9 +4,9 @@
       [--split train] [--max_images 0] [--json OUT.json]
 
 For every non-crowd ground-truth box: resize it into the bucket exactly as the input pipeline
-resizes its image (`pipeline.resize_geometry` under config.data.resize, clipped to the resized image), and take its best IoU
-over all anchors of the padded bucket (config.anchors, levels P{min_level}..P{max_level}). The
-share of boxes whose best IoU reaches 0.5 (they get a foreground anchor from the IoU rule) and
+resizes its image (`pipeline.resize_geometry` of config.data.resize, clipped to the resized
+image), and take its best IoU over all anchors of the padded bucket (config.anchors, levels
+P{min_level}..P{max_level}). The share of boxes whose best IoU reaches 0.5 (they get a foreground anchor from the IoU rule) and
 0.4 (at least not all background), by COCO object size. The size classes use COCO's definition,
 the annotation's area in ORIGINAL-image pixels (small < 32^2 <= medium < 96^2 <= large), so the
 rows line up with APs / APm / APl; the IoU is computed after resizing into the bucket, where the
