@@ -16,7 +16,8 @@ tools and the parameters load without the rest). --format jax (the default) writ
                          variables = flax.serialization.msgpack_restore(params.msgpack bytes)
                          detect = jax.export.deserialize(detect.jax_exported bytes)
                          out = detect.call(variables, images, image_hw)
-                       images [B, S, S, 3] uint8 RGB padded with zeros at the bottom/right,
+                       images [B, S, S, 3] uint8 RGB (float32 under config.data.resize=
+                       'torchvision') padded with zeros at the bottom/right,
                        image_hw [B, 2] int32 valid (h, w); S as in signature.json, B any
                        (symbolic) unless exported with --batch_size. out:
                        boxes [B, D, 4] float32 (x1, y1, x2, y2) padded-image pixels,
@@ -86,7 +87,8 @@ def to_plain(variables) -> dict:
 
 def export_detector(config, variables, categories: CategoryMap, batch_size: int = 0,
                     platforms=DEFAULT_PLATFORMS, canvas=None) -> jax.export.Exported:
-  """The detector as a `jax.export.Exported` for [B, H, W, 3] uint8 images.
+  """The detector as a `jax.export.Exported` for [B, H, W, 3] images (uint8, float32 under
+  config.data.resize='torchvision': `pipeline.image_dtype`).
 
   Args:
     config: the full config.
@@ -110,7 +112,7 @@ def export_detector(config, variables, categories: CategoryMap, batch_size: int 
   h, w = (s, s) if canvas is None else canvas
   b = batch_size if batch_size > 0 else jax.export.symbolic_shape('b')[0]
   args = (jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), variables),
-          jax.ShapeDtypeStruct((b, h, w, 3), jnp.uint8),
+          jax.ShapeDtypeStruct((b, h, w, 3), pipeline.image_dtype(config.data)),
           jax.ShapeDtypeStruct((b, 2), jnp.int32))
   kwargs = {} if platforms is None else {'platforms': tuple(platforms)}
   return jax.export.export(serve, **kwargs)(*args)
@@ -140,10 +142,9 @@ def write_export(out_dir: str, config, variables, categories: CategoryMap, batch
           'platforms': list(exported[EXPORTED_FILE].platforms),
           'canvases': canvases,
           'resize': {'min_size': int(config.data.min_size), 'max_size': int(config.data.max_size),
-                     'rule': 'scale = min(min_size / shorter side, max_size / longer side, '
-                             'image_size / longer side); each side resized to '
-                             'min(image_size, max(1, round(side * scale))) (bilinear), padded '
-                             'bottom/right with 0 (retina_jax.data.pipeline.preprocess)'},
+                     'name': config.data.resize,
+                     'rule': pipeline.RESIZE_RULES[config.data.resize] + '; padded bottom/right '
+                             'with 0 (retina_jax.data.pipeline.preprocess)'},
       }, indent=2).encode(),
   }
   _write_files(out_dir, files)

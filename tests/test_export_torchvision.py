@@ -114,7 +114,7 @@ def test_exported_model_detects_in_torchvision_what_ours_detects(tmp_path):
 
   dets = inference.make_detect_fn(config)(variables, jnp.asarray(image[None]),
                                          jnp.asarray([[288, 416]], jnp.int32))
-  got = inference.to_original_coords(dets, [1.0], [[288, 416]])
+  got = inference.to_original_coords(dets, [[1.0, 1.0]], [[288, 416]])
   valid = got['valid'][0]
   # GroupNorm heads: float32 statistics over 8 channels x H x W per group, summed in another
   # order than torch's; a box of P7 (up to ~800 px) then moves by a few 1e-3 pixels.

@@ -83,15 +83,18 @@ def resized_hw(h: int, w: int, scale: float, image_size: int) -> tuple[int, int]
   return (min(image_size, max(1, round(h * scale))), min(image_size, max(1, round(w * scale))))
 
 
-# config.data.resize:
-#   'pil': PIL bilinear on the uint8 image, sides round(side * scale), boxes times scale; the
-#     host ships uint8 (the fastest input path; the default).
-#   'torchvision': torchvision's GeneralizedRCNNTransform: bilinear interpolation of the float
-#     image (F.interpolate, scale factor, recompute_scale_factor=True so sides floor(side *
-#     scale), align_corners=False, no antialias), boxes times the per-axis ratio resized /
-#     original; the host ships float32 (4x the bytes). Converted torchvision weights then
-#     predict and train exactly as in torchvision.
-RESIZE_RULES = ('pil', 'torchvision')
+# config.data.resize -> what it does ('pil' is the default and the fastest input path; under
+# 'torchvision' converted torchvision weights predict and train exactly as in torchvision).
+RESIZE_RULES = {
+    'pil': 'scale = min(min_size / shorter side, max_size / longer side, image_size / longer '
+           'side); each side min(image_size, max(1, round(side * scale))); PIL bilinear on the '
+           'uint8 image; boxes times scale; uint8 images',
+    'torchvision': "torchvision's GeneralizedRCNNTransform: scale as for 'pil'; each side "
+                   'max(1, int(side * scale)); bilinear interpolation of the float image '
+                   '(F.interpolate with recompute_scale_factor=True, align_corners=False, no '
+                   'antialias); boxes times the per-axis ratio resized / original; float32 '
+                   'images (0..255, normalised on the device)',
+}
 
 
 def resize_geometry(h: int, w: int, min_size: int, max_size: int, image_size: int,
@@ -105,7 +108,7 @@ def resize_geometry(h: int, w: int, min_size: int, max_size: int, image_size: in
     scale = resize_scale(h, w, min_size, max_size, image_size)
     return resized_hw(h, w, scale, image_size), (np.float32(scale), np.float32(scale))
   if rule != 'torchvision':
-    raise ValueError(f'config.data.resize must be one of {RESIZE_RULES}, got {rule!r}.')
+    raise ValueError(f'config.data.resize must be one of {list(RESIZE_RULES)}, got {rule!r}.')
   # Python floats as torchvision computes them (min(self_min_size / min_size, ...)), and
   # F.interpolate's output size int(side * scale_factor) in double precision; the bucket term
   # only binds when the bucket is smaller than max_size, where no rule can be torchvision's.
