@@ -14,16 +14,14 @@ import jax
 from jax.experimental import multihost_utils
 import numpy as np
 import orbax.checkpoint as ocp
-from etils import epath
+
+from retina_jax import fileio
 
 
-def checkpoint_dir(workdir: str) -> epath.Path:
+def checkpoint_dir(workdir: str) -> fileio.Path:
   """<workdir>/checkpoints, made absolute for local paths (orbax refuses relative ones, and
   `make demo` passes workdirs/demo); gs:// and other URLs are kept as they are."""
-  path = epath.Path(workdir)
-  if '://' not in str(workdir):
-    path = path.resolve()
-  return path / 'checkpoints'
+  return fileio.Path(fileio.absolute(workdir)) / 'checkpoints'
 
 
 def make_manager(workdir: str, keep: int, async_save: bool = True) -> ocp.CheckpointManager:
@@ -71,7 +69,7 @@ def _first_line(error: BaseException) -> str:
   return (str(error).strip().splitlines() or [type(error).__name__])[0][:300]
 
 
-def _readable_metadata(step_dir: epath.Path) -> Any:
+def _readable_metadata(step_dir: fileio.Path) -> Any:
   """The saved tree's array metadata; raises if the checkpoint cannot be read."""
   return ocp.PyTreeCheckpointer().metadata(step_dir / 'default').item_metadata.tree
 
@@ -85,7 +83,7 @@ def restore_latest(manager: ocp.CheckpointManager, abstract_state: Any) -> Any |
   warning line naming it and the step resumed from instead; when no checkpoint is readable,
   all stay where they are and it stops with their paths.
   """
-  directory = epath.Path(manager.directory)
+  directory = fileio.Path(manager.directory)
   damaged = []  # (step, why), newest first.
   for step in sorted(manager.all_steps(), reverse=True):
     try:
@@ -118,7 +116,7 @@ class DamagedCheckpointError(RuntimeError):
   pass
 
 
-def _unreadable(directory: epath.Path, damaged: list[tuple[int, str]]) -> DamagedCheckpointError:
+def _unreadable(directory: fileio.Path, damaged: list[tuple[int, str]]) -> DamagedCheckpointError:
   return DamagedCheckpointError(
       f'No readable checkpoint in {directory}: '
       + '; '.join(f'step {s} at {directory / str(s)}: {why}' for s, why in damaged)
@@ -128,7 +126,7 @@ def _unreadable(directory: epath.Path, damaged: list[tuple[int, str]]) -> Damage
 def _set_aside(manager: ocp.CheckpointManager, damaged: list[tuple[int, str]], resumed: int):
   """Renames damaged step folders to `<step>.damaged` (kept for inspection; orbax no longer
   sees them, so the step can be saved again), on host 0, with one warning line for each."""
-  directory = epath.Path(manager.directory)
+  directory = fileio.Path(manager.directory)
   for step, why in damaged:
     path = directory / str(step)
     if jax.process_index() == 0:
@@ -171,7 +169,7 @@ def restore_variables(workdir: str, step: int | None = None) -> tuple[dict[str, 
   raise _unreadable(directory, damaged)
 
 
-def _read_variables(path: epath.Path) -> dict[str, Any]:
+def _read_variables(path: fileio.Path) -> dict[str, Any]:
   checkpointer = ocp.PyTreeCheckpointer()
   tree = checkpointer.metadata(path).item_metadata.tree
   wanted = {k: tree[k] for k in ('params', 'batch_stats')}

@@ -27,7 +27,6 @@ import re
 from typing import Any, Mapping
 
 import flax.serialization
-from etils import epath
 from flax import traverse_util
 import jax
 import jax.numpy as jnp
@@ -35,6 +34,7 @@ import ml_collections
 import numpy as np
 
 from retina_jax import config as config_lib
+from retina_jax import fileio
 from retina_jax.models import resnet as resnet_lib
 from retina_jax.models import retinanet as retinanet_lib
 
@@ -224,8 +224,8 @@ def load_torch_state_dict(path: str) -> dict[str, np.ndarray]:
   import torch  # pylint: disable=g-import-not-at-top
 
   try:
-    with torch.serialization.safe_globals([argparse.Namespace]):
-      obj = torch.load(path, map_location='cpu', weights_only=True)
+    with torch.serialization.safe_globals([argparse.Namespace]), fileio.Path(path).open('rb') as f:
+      obj = torch.load(f, map_location='cpu', weights_only=True)
   except FileNotFoundError:
     raise ValueError(f'{path}: no such file.') from None
   except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as e:
@@ -248,14 +248,14 @@ def load_torch_state_dict(path: str) -> dict[str, np.ndarray]:
 
 
 def save_variables(variables, path: str) -> None:
-  with open(path, 'wb') as f:
-    f.write(flax.serialization.msgpack_serialize(jax.tree_util.tree_map(np.asarray, variables)))
+  fileio.write_atomic(path, flax.serialization.msgpack_serialize(
+      jax.tree_util.tree_map(np.asarray, variables)))
 
 
 def load_variables(path: str) -> dict:
   """{'params': ..., 'batch_stats': ...} (numpy leaves) written by `save_variables`."""
-  # epath reads local files and gs:// alike (pods keep their weights in a bucket).
-  return flax.serialization.msgpack_restore(epath.Path(path).read_bytes())
+  # Local files and gs:// alike (pods keep their weights in a bucket).
+  return flax.serialization.msgpack_restore(fileio.Path(path).read_bytes())
 
 
 def restore_into(variables, loaded):

@@ -10,7 +10,6 @@ import functools
 import json
 import logging
 import math
-import os
 import signal
 import time
 from typing import Any, Callable
@@ -21,12 +20,12 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-from etils import epath
 from jax.experimental import multihost_utils
 
 from retina_jax import anchors as anchors_lib
 from retina_jax import checkpoint as ckpt
 from retina_jax import convert
+from retina_jax import fileio
 from retina_jax import losses
 from retina_jax import models
 from retina_jax import sharding as sharding_lib
@@ -181,7 +180,7 @@ def load_pretrained(variables: dict[str, Any], path: str) -> dict[str, Any]:
   keeps its initialisation, as detectron2 does when fine-tuning; every such path is logged, so
   a wrong file cannot pass silently as 'nothing loaded'.
   """
-  if not epath.Path(path).exists():
+  if not fileio.Path(path).exists():
     raise FileNotFoundError(f'config.init_from={path!r} does not exist; make it with '
                             'scripts/convert_torchvision.py')
   loaded = flax.traverse_util.flatten_dict(convert.load_variables(path), sep='/')
@@ -275,29 +274,32 @@ def make_train_step(config, model, tx, mesh):
 class MetricLogger:
   """Metrics as JSON lines (`metrics.jsonl`) and TensorBoard events, written by host 0 only.
 
+  metrics.jsonl is rewritten whole at each write (`fileio.write_atomic`): an object store has
+  no append, and a reader or a kill then sees the file before or after a record, never half a
+  line. TensorBoard events go through tensorboardX, which writes gs:// with
+  google-cloud-storage (re-uploading its event file at each flush).
+
   Resuming at `resume_step` first drops what a killed run logged after its last checkpoint:
-  the records past that step from metrics.jsonl (and a line cut short by the kill), and, by
-  TensorBoard's purge_step, its events, so that every step appears once in both.
+  the records past that step from metrics.jsonl (and a line cut short by an older writer), and,
+  by TensorBoard's purge_step, its events, so that every step appears once in both.
   """
 
   def __init__(self, workdir: str, resume_step: int = 0):
     self._active = jax.process_index() == 0
     if not self._active:
       return
-    path = os.path.join(workdir, 'metrics.jsonl')
-    if resume_step > 0 and os.path.exists(path):
-      _drop_records_after(path, resume_step)
-    self._jsonl = open(path, 'a')
+    self._path = fileio.Path(workdir) / 'metrics.jsonl'
+    self._lines = _records_up_to(self._path, resume_step if resume_step > 0 else None)
     from tensorboardX import SummaryWriter  # Imported lazily: it pulls in protobuf.
-    self._tb = SummaryWriter(os.path.join(workdir, 'tensorboard'),
+    self._tb = SummaryWriter(str(fileio.Path(workdir) / 'tensorboard'),
                              purge_step=resume_step + 1 if resume_step > 0 else None)
 
   def write(self, step: int, metrics: dict[str, float], prefix: str = 'train'):
     if not self._active:
       return
     record = {'step': step, **{f'{prefix}/{k}': float(v) for k, v in metrics.items()}}
-    self._jsonl.write(json.dumps(record) + '\n')
-    self._jsonl.flush()
+    self._lines.append(json.dumps(record) + '\n')
+    fileio.write_atomic(self._path, ''.join(self._lines))
     for key, value in record.items():
       if key != 'step' and math.isfinite(value):
         self._tb.add_scalar(key, value, step)
@@ -305,24 +307,23 @@ class MetricLogger:
 
   def close(self):
     if self._active:
-      self._jsonl.close()
       self._tb.close()
 
 
-def _drop_records_after(path: str, step: int):
-  """Rewrites a metrics.jsonl without the records past `step` or cut short (atomically)."""
+def _records_up_to(path, step: int | None) -> list[str]:
+  """The lines of a metrics.jsonl with the records up to `step` (all when None), without a line
+  that an appending writer (before `write_atomic`) left cut short."""
+  if not path.exists():
+    return []
   keep = []
-  with open(path) as f:
-    for line in f:
-      try:
-        record = json.loads(line)
-      except json.JSONDecodeError:
-        continue  # A line the killed process did not finish.
-      if isinstance(record, dict) and record.get('step', 0) <= step:
-        keep.append(json.dumps(record) + '\n')
-  with open(path + '.tmp', 'w') as f:
-    f.writelines(keep)
-  os.replace(path + '.tmp', path)
+  for line in path.read_text().splitlines():
+    try:
+      record = json.loads(line)
+    except json.JSONDecodeError:
+      continue
+    if isinstance(record, dict) and (step is None or record.get('step', 0) <= step):
+      keep.append(json.dumps(record) + '\n')
+  return keep
 
 
 class Preemption:
@@ -379,8 +380,8 @@ def validate_config(config: ml_collections.ConfigDict):
 
 def write_config(config: ml_collections.ConfigDict, workdir: str):
   if jax.process_index() == 0:
-    epath.Path(workdir).mkdir(parents=True, exist_ok=True)
-    (epath.Path(workdir) / 'config.json').write_text(config.to_json_best_effort(indent=2))
+    fileio.Path(workdir).mkdir(parents=True, exist_ok=True)
+    fileio.write_atomic(fileio.Path(workdir) / 'config.json', config.to_json_best_effort(indent=2))
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
@@ -389,7 +390,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   Raises Preempted when a preemption request stopped it early (its checkpoint is saved).
   """
   validate_config(config)
-  epath.Path(workdir).mkdir(parents=True, exist_ok=True)
+  fileio.Path(workdir).mkdir(parents=True, exist_ok=True)
   mesh = sharding_lib.make_mesh(config)
   sharding_lib.check_batch_size(config.batch_size, mesh)
   source = pipeline.create_source(config.data, config.data.train_split)

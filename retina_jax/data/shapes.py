@@ -23,11 +23,11 @@ import concurrent.futures
 import hashlib
 import json
 import os
-import shutil
-import tempfile
 
 import numpy as np
 from PIL import Image, ImageDraw
+
+from retina_jax import fileio
 
 # (id, name): readable names, non-contiguous ids, written to the file in this (unsorted) order.
 CATEGORIES = ((20, 'ring'), (1, 'ellipse'), (12, 'cross'), (3, 'rectangle'), (7, 'triangle'))
@@ -43,37 +43,28 @@ def default_cache_dir() -> str:
 
 
 def dataset_dir(root: str, num_train: int, num_eval: int, seed: int) -> str:
-  """<root or ~/.cache/retina_jax>/shapes-<hash of the generation parameters>."""
+  """<root or ~/.cache/retina_jax>/shapes-<hash of the generation parameters> (root may be
+  gs://...)."""
   params = json.dumps({'version': _VERSION, 'num_train': num_train, 'num_eval': num_eval,
                        'seed': seed, 'sizes': IMAGE_SIZES, 'categories': CATEGORIES},
                       sort_keys=True)
   digest = hashlib.sha1(params.encode()).hexdigest()[:10]
-  return os.path.join(root or default_cache_dir(), f'shapes-{digest}')
+  return str(fileio.Path(root or default_cache_dir()) / f'shapes-{digest}')
 
 
 def ensure_shapes(root: str, num_train: int, num_eval: int, seed: int) -> str:
   """Writes the data set unless it is already there; returns its COCO-layout directory.
 
-  Written into a temporary directory and renamed at the end, so a crash or a concurrent writer
-  (several processes on one machine) never leaves a half-written data set behind.
+  Published with `fileio.publish_dir`, so that a crash never leaves a data set that counts as
+  written, and concurrent writers (several processes or hosts) write the same files.
   """
   final = dataset_dir(root, num_train, num_eval, seed)
-  if os.path.isdir(final):
-    return final
-  parent = os.path.dirname(final)
-  os.makedirs(parent, exist_ok=True)
-  tmp = tempfile.mkdtemp(prefix='.shapes-tmp-', dir=parent)
-  try:
-    os.makedirs(os.path.join(tmp, 'annotations'))
-    for split, n in zip(SPLITS, (num_train, num_eval)):
-      write_split(tmp, split, n, seed)
-    try:
-      os.rename(tmp, final)
-    except OSError:
-      if not os.path.isdir(final):  # Not just a concurrent writer that finished first.
-        raise
-  finally:
-    shutil.rmtree(tmp, ignore_errors=True)
+  if not fileio.is_complete(final):
+    def build(local: str):
+      os.makedirs(os.path.join(local, 'annotations'))
+      for split, n in zip(SPLITS, (num_train, num_eval)):
+        write_split(local, split, n, seed)
+    fileio.publish_dir(build, final)
   return final
 
 
