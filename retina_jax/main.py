@@ -51,10 +51,12 @@ def initialize_distributed():
 
 
 class _QuietLibraries:
-  """Drops INFO lines of orbax (several per checkpoint) so progress lines stay readable."""
+  """Drops INFO lines of orbax (several per checkpoint) and of gcsfs/fsspec (one per file read
+  on gs://) so progress lines stay readable."""
 
   def filter(self, record) -> bool:
-    return record.levelno >= std_logging.WARNING or '/orbax/' not in record.pathname
+    return record.levelno >= std_logging.WARNING or not any(
+        f'/{name}/' in record.pathname for name in ('orbax', 'gcsfs', 'fsspec'))
 
 
 def main(argv):
