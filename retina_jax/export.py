@@ -45,6 +45,10 @@ configs torchvision has no model for stop with one line naming the field):
 --format saved_model writes a TF SavedModel whose serving signature takes one uint8 image of any
 size and returns its detections in its own pixels (retina_jax/saved_model.py), plus
 categories.json.
+
+Every folder is complete when its COMPLETE file is there (`fileio.publish`: written last, and
+removed first when an export is written again); `saved_config.load_params` refuses a folder
+without it, as an interrupted export, local or on gs://, has none.
 """
 
 import io
@@ -54,7 +58,6 @@ import sys
 from absl import app
 from absl import flags
 from absl import logging
-from etils import epath
 import flax.serialization
 import jax
 import jax.numpy as jnp
@@ -62,6 +65,7 @@ import numpy as np
 
 from retina_jax import cli
 from retina_jax import convert
+from retina_jax import fileio
 from retina_jax import inference
 from retina_jax import saved_config
 from retina_jax import saved_model
@@ -147,7 +151,7 @@ def write_export(out_dir: str, config, variables, categories: CategoryMap, batch
                              'with 0 (retina_jax.data.pipeline.preprocess)'},
       }, indent=2).encode(),
   }
-  _write_files(out_dir, files)
+  fileio.publish(out_dir, files)
   return out_dir
 
 
@@ -164,7 +168,7 @@ def write_torchvision(out_dir: str, config, variables, categories: CategoryMap) 
                       'pip install -r requirements-torch.txt') from None
   weights = io.BytesIO()
   torch.save({k: torch.tensor(v) for k, v in state_dict.items()}, weights)
-  _write_files(out_dir, {
+  fileio.publish(out_dir, {
       TORCHVISION_WEIGHTS: weights.getvalue(),
       TORCHVISION_JSON: json.dumps({'builder': builder, 'kwargs': kwargs}, indent=2).encode(),
       saved_config.CATEGORIES_FILE: categories.to_json().encode(),
@@ -172,13 +176,18 @@ def write_torchvision(out_dir: str, config, variables, categories: CategoryMap) 
   return out_dir
 
 
-def _write_files(out_dir: str, files: dict[str, bytes]) -> None:
-  out = epath.Path(out_dir)
-  out.mkdir(parents=True, exist_ok=True)
-  for name, data in files.items():
-    tmp = out / f'{name}.tmp'
-    tmp.write_bytes(data)
-    tmp.replace(out / name)  # No half-written file under the real name.
+def write_saved_model(out_dir: str, config, variables, categories: CategoryMap,
+                      platforms=DEFAULT_PLATFORMS) -> str:
+  """Writes the --format saved_model directory (module docstring); returns its path.
+
+  TensorFlow writes the SavedModel into a local folder, which is then published whole, so that
+  it reaches gs:// through the path layer as the other formats do.
+  """
+  def build(local: str):
+    saved_model.write_saved_model(local, config, to_plain(variables), categories, platforms)
+    fileio.write_atomic(fileio.Path(local) / saved_config.CATEGORIES_FILE, categories.to_json())
+  fileio.publish_dir(build, out_dir)
+  return out_dir
 
 
 def _define_flags():
@@ -209,9 +218,7 @@ def main(fl, argv):
     if fl['format'].value == 'torchvision':
       write_torchvision(fl['out'].value, config, variables, categories)
     elif fl['format'].value == 'saved_model':
-      saved_model.write_saved_model(fl['out'].value, config, to_plain(variables), categories,
-                                    fl['platforms'].value)
-      _write_files(fl['out'].value, {saved_config.CATEGORIES_FILE: categories.to_json().encode()})
+      write_saved_model(fl['out'].value, config, variables, categories, fl['platforms'].value)
     else:
       write_export(fl['out'].value, config, variables, categories, fl['batch_size'].value,
                    fl['platforms'].value)

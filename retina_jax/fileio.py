@@ -14,7 +14,7 @@ upload completes. Hence the write rules of the project, the same on local disk:
 - `write_atomic`: one file, whole or not at all (local disk: a temporary sibling, then a rename).
 - Logs that grow (metrics.jsonl) are rewritten whole, by their one writer (host 0).
 - A folder of several files (an export, a generated data set) is complete when its marker file,
-  written last, is there (`publish_dir`, `is_complete`); readers treat a folder without it as
+  written last, is there (`publish`, `is_complete`); readers treat a folder without it as
   absent. Orbax does the same on gs:// for checkpoints (commit_success.txt).
 """
 
@@ -56,21 +56,23 @@ def is_complete(folder) -> bool:
   return (Path(folder) / COMPLETE).exists()
 
 
-def publish_dir(build: Callable[[str], None], folder) -> None:
-  """Runs `build(local_dir)` on an empty local temporary folder, then puts its files into
-  `folder` (local or URL; existing files of the same name are replaced, others left alone), and
-  the marker last, so that `is_complete(folder)` only holds for a whole set of files.
-
-  `build` may use any writer that wants a local path (PIL, torch.save, TensorFlow).
-  """
+def publish(folder, files: dict[str, bytes]) -> None:
+  """Writes `files` (name relative to `folder` -> content) into `folder`, local or URL, each with
+  `write_atomic`, and the marker last, so that `is_complete(folder)` only holds for a whole set
+  of files. Files of the same name are replaced, others left alone."""
   folder = Path(folder)
   (folder / COMPLETE).unlink(missing_ok=True)  # Incomplete from the first replaced file on.
+  for name, data in files.items():
+    (folder / name).parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(folder / name, data)
+  write_atomic(folder / COMPLETE, 'Written last: every file of this folder is complete.\n')
+
+
+def publish_dir(build: Callable[[str], None], folder) -> None:
+  """`publish` of what `build(local_dir)` writes into an empty local temporary folder: for
+  writers that want a local path (PIL, torch.save, TensorFlow)."""
   with tempfile.TemporaryDirectory(prefix='retina_jax-') as local:
     build(local)
-    for parent, _, files in os.walk(local):
-      rel = os.path.relpath(parent, local)
-      target = folder if rel == '.' else folder / rel
-      target.mkdir(parents=True, exist_ok=True)
-      for name in files:
-        write_atomic(target / name, Path(parent, name).read_bytes())
-  write_atomic(folder / COMPLETE, 'Written last: every file of this folder is complete.\n')
+    files = {os.path.relpath(os.path.join(parent, name), local): Path(parent, name).read_bytes()
+             for parent, _, names in os.walk(local) for name in names}
+  publish(folder, files)

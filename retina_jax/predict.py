@@ -18,7 +18,7 @@ Output, in the original image's pixels:
 """
 
 import json
-import os
+import posixpath
 import sys
 
 from absl import app
@@ -27,6 +27,7 @@ import numpy as np
 from PIL import Image
 
 from retina_jax import cli
+from retina_jax import fileio
 from retina_jax import inference
 from retina_jax import saved_config
 from retina_jax import visualize
@@ -88,11 +89,13 @@ def draw(image: np.ndarray, detections: list[dict], categories: CategoryMap, thr
 
 def output_problem(out: str, json_path: str) -> str:
   """Why --out or --json cannot be written ('' when they can); checked before the detector runs,
-  so that a typo in an output path costs no compute and no traceback."""
+  so that a typo in an output path costs no compute and no traceback. An object store (gs://)
+  has no folders to check."""
   for flag, path in (('--out', out), ('--json', json_path)):
-    if path and not os.path.isdir(os.path.dirname(os.path.abspath(path))):
-      return f'{flag}={path}: the folder {os.path.dirname(os.path.abspath(path))} does not exist'
-  ext = os.path.splitext(out)[1].lower()
+    folder = fileio.Path(fileio.absolute(path)).parent if path else None
+    if folder is not None and not fileio.is_url(path) and not folder.is_dir():
+      return f'{flag}={path}: the folder {folder} does not exist'
+  ext = posixpath.splitext(out)[1].lower()
   if out and ext not in Image.registered_extensions():
     return f'--out={out}: {ext or "no extension"} is not a picture format; use .png or .jpg'
   return ''
@@ -128,11 +131,12 @@ def main(fl, argv):
     sys.exit(f'predict: {e}')  # The path and the reason; a traceback would add nothing.
   detections = predict(config, variables, image, categories)
   if fl['json'].value:
-    with open(fl['json'].value, 'w') as f:
-      json.dump({'image': image_path, 'height': image.shape[0], 'width': image.shape[1],
-                 'detections': detections}, f, indent=1)
+    fileio.write_atomic(fl['json'].value, json.dumps(
+        {'image': image_path, 'height': image.shape[0], 'width': image.shape[1],
+         'detections': detections}, indent=1))
   if fl['out'].value:
-    draw(image, detections, categories, fl['display_threshold'].value).save(fl['out'].value)
+    visualize.save(draw(image, detections, categories, fl['display_threshold'].value),
+                   fl['out'].value)
   shown = [d for d in detections if d['score'] >= fl['display_threshold'].value]
   print(f'{len(detections)} detections in {image_path} ({image.shape[1]}x{image.shape[0]}), '
         f'{len(shown)} with score >= {fl["display_threshold"].value}:')

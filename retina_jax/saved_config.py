@@ -19,6 +19,7 @@ import os
 import flax.serialization
 import ml_collections
 
+from retina_jax import fileio
 from retina_jax.config import get_base_config
 from retina_jax.data.categories import CategoryMap
 
@@ -46,11 +47,10 @@ def _merge(base: ml_collections.ConfigDict, saved: dict) -> None:
 
 def load(path: str) -> ml_collections.ConfigDict:
   """The config saved at `path`: a config.json file, or a directory holding one."""
-  if os.path.isdir(path):
-    path = os.path.join(path, CONFIG_JSON)
+  if fileio.Path(path).is_dir():
+    path = str(fileio.Path(path) / CONFIG_JSON)
   try:
-    with open(path) as f:
-      saved = json.load(f)
+    saved = json.loads(fileio.Path(path).read_text())
   except FileNotFoundError:
     raise FileNotFoundError(f'No saved config at {path}; pass --config=experiments/<file>.py '
                             'as for training.') from None
@@ -87,7 +87,7 @@ def config_dir(argv: list[str]) -> str:
   """Where evaluate, export and predict take the config from when argv names no --config: the
   --workdir when it holds a config.json, else the folder of --params (an export), else --workdir."""
   workdir = flag_value(argv, 'workdir')
-  if workdir and os.path.exists(os.path.join(workdir, CONFIG_JSON)):
+  if workdir and (fileio.Path(workdir) / CONFIG_JSON).exists():
     return workdir
   return export_dir(flag_value(argv, 'params')) or workdir
 
@@ -100,32 +100,34 @@ def export_dir(params: str) -> str:
   """
   if not params:
     return ''
-  path = os.path.abspath(params)
-  return path if os.path.isdir(path) else os.path.dirname(path)
+  path = fileio.Path(fileio.absolute(params))
+  return str(path if path.is_dir() else path.parent)
 
 
 def load_params(path: str) -> dict:
-  """{'params', 'batch_stats'} from an export directory (or its params.msgpack file)."""
-  if os.path.isdir(path):
-    path = os.path.join(path, PARAMS_FILE)
-  if not os.path.exists(path):
+  """{'params', 'batch_stats'} from an export directory (or its params.msgpack file); an export
+  that `retina_jax.export` did not finish writing (no `fileio.COMPLETE`) counts as absent."""
+  folder = export_dir(path)
+  path = str(fileio.Path(folder) / PARAMS_FILE) if fileio.Path(path).is_dir() else path
+  if not fileio.Path(path).exists():
     raise FileNotFoundError(f'No exported parameters at {path}; write them with '
                             '`python -m retina_jax.export --workdir DIR --out PATH`.')
-  with open(path, 'rb') as f:
-    return flax.serialization.msgpack_restore(f.read())
+  if not fileio.is_complete(folder):
+    raise FileNotFoundError(f'The export {folder} is incomplete (no {fileio.COMPLETE} file: its '
+                            'writing was interrupted); export again with `python -m '
+                            'retina_jax.export --workdir DIR --out PATH`.')
+  return flax.serialization.msgpack_restore(fileio.Path(path).read_bytes())
 
 
 def load_categories(directory: str) -> CategoryMap | None:
   """The CategoryMap saved in a directory: its categories.json (an export), else the
   `categories` that training stored in its config.json (a workdir); None when neither has one."""
-  path = os.path.join(directory, CATEGORIES_FILE)
-  if os.path.exists(path):
-    with open(path) as f:
-      return CategoryMap.from_json(f.read())
-  path = os.path.join(directory, CONFIG_JSON)
-  if os.path.exists(path):
-    with open(path) as f:
-      stored = json.load(f).get('categories')
+  path = fileio.Path(directory) / CATEGORIES_FILE
+  if path.exists():
+    return CategoryMap.from_json(path.read_text())
+  path = fileio.Path(directory) / CONFIG_JSON
+  if path.exists():
+    stored = json.loads(path.read_text()).get('categories')
     if stored:
       return CategoryMap.from_json(stored)
   return None

@@ -1,9 +1,13 @@
 """Pictures of detections: boxes, class names and scores drawn with PIL."""
 
+import io
+import posixpath
 from typing import Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
+
+from retina_jax import fileio
 
 # Distinct, readable colours; class k gets _PALETTE[k % len(_PALETTE)].
 _PALETTE = ((230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48),
@@ -70,3 +74,11 @@ def grid(pictures: Sequence[Image.Image], columns: int = 4, cell: int = 320) -> 
     thumb.thumbnail((cell, cell))
     sheet.paste(thumb, ((k % cols) * cell, (k // cols) * cell))
   return sheet
+
+
+def save(picture: Image.Image, path: str) -> None:
+  """Writes `picture` to `path` (local or gs://) in the format its extension names (.png, .jpg)."""
+  ext = posixpath.splitext(str(path))[1].lower()
+  data = io.BytesIO()
+  picture.save(data, format=Image.registered_extensions()[ext])
+  fileio.write_atomic(path, data.getvalue())

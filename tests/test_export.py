@@ -52,7 +52,7 @@ def test_exported_detector_runs_without_our_code(tmp_path):
   export_lib.write_export(out_dir, config, variables, cats)  # Any batch size, 3 platforms.
   assert sorted(os.listdir(out_dir)) == sorted([
       'params.msgpack', 'config.json', 'categories.json', 'detect.jax_exported',
-      'detect_96x128.jax_exported', 'detect_128x96.jax_exported', 'signature.json'])
+      'detect_96x128.jax_exported', 'detect_128x96.jax_exported', 'signature.json', 'COMPLETE'])
   signature = json.loads((tmp_path / 'export' / 'signature.json').read_text())
   assert signature['batch_size'] is None
   assert signature['platforms'] == ['cpu', 'cuda', 'tpu']

@@ -5,6 +5,7 @@ Every command is the real one in its own process, with only the emulator's varia
 (tests/gcs_emulator.py), as a pod has only its credentials.
 """
 
+import io
 import json
 import os
 import re
@@ -13,8 +14,11 @@ import subprocess
 import sys
 import time
 
+import flax.serialization
+import flax.traverse_util
 import jax
 import numpy as np
+from PIL import Image
 import pytest
 
 from retina_jax import checkpoint as ckpt
@@ -100,4 +104,33 @@ def test_gs_workdir_train_kill_resume_evaluate_export_predict(emulator, tmp_path
   assert step_a == step_b == 6
   jax.tree.map(np.testing.assert_array_equal, a, b)
   assert gcs_emulator.names(url, f'{wd}/tensorboard/')  # Event files in the bucket.
+
+  # evaluate writes what the final evaluation of training wrote (same checkpoint) into gs://.
+  outputs = ('detections_validation.json', 'metrics_validation.json')
+  trained = {name: json.loads(gcs_emulator.read(url, f'{wd}/{name}')) for name in outputs}
+  for name in outputs:
+    gcs_emulator.delete(url, f'{wd}/{name}')
+  _run([sys.executable, '-m', 'retina_jax.evaluate', f'--workdir={gs_wd}'], env)
+  assert {name: json.loads(gcs_emulator.read(url, f'{wd}/{name}')) for name in outputs} == trained
+
+  # export into gs://, then predict from there on an image in the bucket, writing to the bucket.
+  _run([sys.executable, '-m', 'retina_jax.export', f'--workdir={gs_wd}', f'--out={BUCKET}/export',
+        '--platforms=cpu'], env)
+  assert 'export/COMPLETE' in gcs_emulator.names(url, 'export/')
+  exported = flax.serialization.msgpack_restore(gcs_emulator.read(url, 'export/params.msgpack'))
+  flat = lambda tree: flax.traverse_util.flatten_dict(tree, sep='/')
+  assert flat(exported).keys() == flat(b).keys()
+  for key, value in flat(b).items():
+    np.testing.assert_array_equal(flat(exported)[key], value, err_msg=key)
+  image = next(n for n in gcs_emulator.names(url, 'shapes/') if n.endswith('validation/000001.jpg'))
+  _run([sys.executable, '-m', 'retina_jax.predict', f'--params={BUCKET}/export',
+        f'--image={BUCKET}/{image}', f'--json={BUCKET}/predict/p.json',
+        f'--out={BUCKET}/predict/p.png'], env)
+  prediction = json.loads(gcs_emulator.read(url, 'predict/p.json'))
+  with Image.open(io.BytesIO(gcs_emulator.read(url, f'{image}'))) as im:
+    size = im.size
+  assert prediction['image'] == f'{BUCKET}/{image}'
+  assert (prediction['width'], prediction['height']) == size
+  with Image.open(io.BytesIO(gcs_emulator.read(url, 'predict/p.png'))) as im:
+    assert im.format == 'PNG' and im.size == size
   assert not os.path.exists(os.path.join(ROOT, 'gs:'))  # Nothing went to a local 'gs:' folder.

@@ -6,14 +6,13 @@ every host and each image counts once (`coco_eval.gather_and_dedupe`).
 """
 
 import json
-import os
 
 from absl import logging
 import jax
 from jax.experimental import multihost_utils
 import numpy as np
-from etils import epath
 
+from retina_jax import fileio
 from retina_jax import inference
 from retina_jax import saved_config
 from retina_jax import sharding as sharding_lib
@@ -123,10 +122,10 @@ def evaluate_variables(config, variables, workdir: str, mesh=None, split: str = 
   metrics = coco_eval.evaluate_detections(gt, results, image_ids=dets['image_id'])
   logging.info('Evaluated %d images of %r: AP %.4f', len(dets['image_id']), split, metrics['AP'])
   if jax.process_index() == 0 and workdir:
-    out = epath.Path(workdir)
+    out = fileio.Path(workdir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / f'detections_{split}.json').write_text(json.dumps(results))
-    (out / f'metrics_{split}.json').write_text(json.dumps(metrics, indent=2))
+    fileio.write_atomic(out / f'detections_{split}.json', json.dumps(results))
+    fileio.write_atomic(out / f'metrics_{split}.json', json.dumps(metrics, indent=2))
     if pictures:
-      visualize.grid(pictures).save(os.fspath(out / f'predictions_{split}.png'))
+      visualize.save(visualize.grid(pictures), out / f'predictions_{split}.png')
   return metrics
