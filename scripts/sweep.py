@@ -26,6 +26,7 @@ import sys
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..'))
 
 from retina_jax import config as config_lib  # pylint: disable=g-import-not-at-top
+from retina_jax import fileio  # pylint: disable=g-import-not-at-top
 from retina_jax import hyper  # pylint: disable=g-import-not-at-top
 
 
@@ -68,7 +69,7 @@ def commands(spec: str, workdir_root: str, extra: list[str], python: str) -> lis
   experiment = _safe_name(os.path.splitext(os.path.basename(path))[0] + (f':{arg}' if arg else ''))
   runs = []
   for setting in load_sweep(spec):
-    workdir = os.path.join(workdir_root, experiment, run_name(setting, extra))
+    workdir = str(fileio.Path(workdir_root) / experiment / run_name(setting, extra))
     cmd = [python, '-m', 'retina_jax.main', f'--config={spec}', f'--workdir={workdir}',
            *hyper.to_flags(setting), *extra]
     runs.append((workdir, cmd))
@@ -76,16 +77,18 @@ def commands(spec: str, workdir_root: str, extra: list[str], python: str) -> lis
 
 
 def finished_step(workdir: str) -> int | None:
-  """The last step of a finished run in `workdir`: its config.json's num_train_steps has a
-  checkpoint and the final evaluation's metrics_<eval split>.json is newer. None otherwise (also
-  for workdirs this machine cannot read, e.g. on a pod's local disks)."""
+  """The last step of a finished run in `workdir` (local or gs://): its config.json's
+  num_train_steps has a committed checkpoint and the final evaluation's
+  metrics_<eval split>.json is newer. None otherwise (also for workdirs this machine cannot
+  read, e.g. on a pod's local disks)."""
   try:
-    with open(os.path.join(workdir, 'config.json')) as f:
-      config = json.load(f)
+    workdir = fileio.Path(workdir)
+    config = json.loads((workdir / 'config.json').read_text())
     step = int(config['num_train_steps'])
-    checkpoint = os.path.join(workdir, 'checkpoints', str(step))
-    metrics = os.path.join(workdir, f"metrics_{config['data']['eval_split']}.json")
-    if os.path.getmtime(metrics) >= os.path.getmtime(checkpoint):
+    # Orbax's last file of a step, local and on gs:// (where a step has no folder to stat).
+    committed = workdir / 'checkpoints' / str(step) / 'commit_success.txt'
+    metrics = workdir / f"metrics_{config['data']['eval_split']}.json"
+    if metrics.stat().mtime >= committed.stat().mtime:
       return step
   except (OSError, ValueError, KeyError, TypeError):
     pass

@@ -122,6 +122,8 @@ def test_sweep_script_skips_finished_runs_and_resumes_the_others(tmp_path):
   workdirs, _ = _dry_run_workdirs(tmp_path, demo)
   for k, workdir in enumerate(workdirs[:3]):  # 0: finished; 1: killed in its final evaluation;
     os.makedirs(os.path.join(workdir, 'checkpoints', '1200'))  # 2: stale metrics of 800 steps.
+    with open(os.path.join(workdir, 'checkpoints', '1200', 'commit_success.txt'), 'w') as f:
+      f.write('committed')  # Orbax's last file of a step.
     with open(os.path.join(workdir, 'config.json'), 'w') as f:
       json.dump({'num_train_steps': 1200, 'data': {'eval_split': 'validation'}}, f)
     metrics = os.path.join(workdir, 'metrics_validation.json')

@@ -27,6 +27,7 @@ from ml_collections import config_flags
 from retina_jax import anchors as anchors_lib
 from retina_jax import box_ops
 from retina_jax import cli
+from retina_jax import fileio
 from retina_jax.data import pipeline
 
 SIZES = (('small', 0.0, 32.0 ** 2), ('medium', 32.0 ** 2, 96.0 ** 2),
@@ -134,9 +135,9 @@ def main(fl, argv):
         'bucket, sizes by original-pixel area):')
   print(format_table(result))
   if fl['json'].value:
-    with open(fl['json'].value, 'w') as f:
-      json.dump({'split': split, 'image_size': config.data.image_size,
-                 'anchors': config.anchors.to_dict(), 'coverage': result}, f, indent=2)
+    fileio.write_atomic(fl['json'].value, json.dumps(
+        {'split': split, 'image_size': config.data.image_size,
+         'anchors': config.anchors.to_dict(), 'coverage': result}, indent=2))
 
 
 def run():
