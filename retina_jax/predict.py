@@ -89,11 +89,12 @@ def draw(image: np.ndarray, detections: list[dict], categories: CategoryMap, thr
 
 def output_problem(out: str, json_path: str) -> str:
   """Why --out or --json cannot be written ('' when they can); checked before the detector runs,
-  so that a typo in an output path costs no compute and no traceback. An object store (gs://)
-  has no folders to check."""
+  so that a typo in an output path costs no compute and no traceback."""
   for flag, path in (('--out', out), ('--json', json_path)):
-    folder = fileio.Path(fileio.absolute(path)).parent if path else None
-    if folder is not None and not fileio.is_url(path) and not folder.is_dir():
+    if not path or fileio.is_url(path):
+      continue  # An object store (gs://) has no folders to check.
+    folder = fileio.Path(fileio.absolute(path)).parent
+    if not folder.is_dir():
       return f'{flag}={path}: the folder {folder} does not exist'
   ext = posixpath.splitext(out)[1].lower()
   if out and ext not in Image.registered_extensions():
