@@ -1,11 +1,12 @@
-"""Converts a torchvision ResNet (ImageNet) or RetinaNet (v1 or v2) state dict into retina_jax
+"""Converts a torchvision ResNet (ImageNet) or RetinaNet (v1, v2) state dict into our variables.
 
   python scripts/convert_torchvision.py IN.pth OUT [--norm frozen_bn|bn] [--strict]
 
 IN is a plain `torch.save(model.state_dict())`, or a training checkpoint that holds one under
 'model' or 'state_dict' (torchvision's reference scripts), 'module.' (DDP) prefixes allowed.
 OUT is flax msgpack of {'params', 'batch_stats'} (`retina_jax.convert.load_variables` reads it
-without torch); point `config.init_from` at it.
+without torch); point `config.init_from` at it (a RetinaNet under `--config
+experiments/torchvision_compat.py`, `:v2` for retinanet_resnet50_fpn_v2's GroupNorm heads).
 Every missing and unexpected key is printed; --strict makes either an error.
 """
 
