@@ -7,10 +7,11 @@ Re-running the same command resumes from the newest checkpoint in DIR. On a TPU 
 runs the same command; `jax.distributed.initialize()` finds its peers from the environment.
 
 Exit codes (README, "Exit codes"): 0 a finished run; 143 preempted after saving, re-run to
-resume; 1 an error that a restart would only repeat.
+resume; 75 another process was lost, restart all; 1 an error that a restart would only repeat.
 """
 
 import logging as std_logging
+import os
 import sys
 
 from absl import app
@@ -21,6 +22,7 @@ from ml_collections import config_flags
 
 from retina_jax import checkpoint
 from retina_jax import cli
+from retina_jax import hosts
 from retina_jax import train
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment file, e.g. '
@@ -35,19 +37,37 @@ _PROCESS_ID = flags.DEFINE_integer('process_id', 0, 'With --coordinator_address.
 _DISTRIBUTED = flags.DEFINE_bool('distributed', False, 'Call jax.distributed.initialize() with '
                                  'what the environment says (TPU pods, SLURM).')
 
+_HOST_TIMEOUT = flags.DEFINE_integer(
+    'host_timeout_seconds', 120, 'Multi-process runs: how long a process may show no sign of '
+    'life before every other one stops with exit code 75, naming it.')
+
 # 128 + SIGTERM: what a shell reports for a process that SIGTERM ended, so a scheduler sees the
 # same code whether the signal came before or after training could save.
 EXIT_PREEMPTED = 143
+# EX_TEMPFAIL: another process was lost; this one stopped without saving. Restart them all.
+EXIT_HOST_LOST = 75
 
 
 def initialize_distributed():
+  # jax's own heartbeat timeout aborts the survivors (exit 134): only the backstop of
+  # hosts.PeerWatchdog, which names the lost process first.
+  timeouts = {'heartbeat_timeout_seconds': _HOST_TIMEOUT.value + 60}
   if _COORDINATOR.value:
     # Only affects CPU devices (the multi-process CPU tests); must precede backend start-up.
     jax.config.update('jax_cpu_collectives_implementation', 'gloo')
     jax.distributed.initialize(_COORDINATOR.value, num_processes=_NUM_PROCESSES.value,
-                               process_id=_PROCESS_ID.value)
+                               process_id=_PROCESS_ID.value, **timeouts)
   elif _DISTRIBUTED.value:
-    jax.distributed.initialize()
+    jax.distributed.initialize(**timeouts)
+
+
+def _host_lost(message: str):
+  """Called from the watchdog's thread while the main one hangs in a collective: only
+  os._exit ends the process then."""
+  logging.error('%s', message)
+  for handler in std_logging.getLogger().handlers:
+    handler.flush()
+  os._exit(EXIT_HOST_LOST)  # pylint: disable=protected-access
 
 
 class _QuietLibraries:
@@ -69,15 +89,24 @@ def main(argv):
   logging.info('JAX process %d of %d, %d local / %d global devices (%s)', jax.process_index(),
                jax.process_count(), jax.local_device_count(), jax.device_count(),
                jax.default_backend())
+  watchdog = (hosts.PeerWatchdog(_HOST_TIMEOUT.value, on_lost=_host_lost)
+              if jax.process_count() > 1 else None)
   try:
     train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+    code = 0
   except train.Preempted as e:
     logging.warning('%s', e)
-    sys.exit(EXIT_PREEMPTED)
+    code = EXIT_PREEMPTED
   except (train.NonFiniteError, checkpoint.DamagedCheckpointError) as e:
-    # The message says what happened, where and what to do: no traceback above it.
+    # Raised by every process alike. The message says what happened, where and what to do: no
+    # traceback above it.
     logging.error('%s', e)
-    sys.exit(1)
+    code = 1
+  # Ended on its own terms. An uncaught error, which may be this process's alone, skips this,
+  # so that the others stop naming it instead of waiting in a collective for it.
+  if watchdog:
+    watchdog.stop()
+  sys.exit(code)
 
 
 if __name__ == '__main__':

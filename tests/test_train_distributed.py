@@ -3,14 +3,17 @@ train step compiles ahead of time for an 8-device mesh at 640x640."""
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
 
-from tests.test_train import DEMO, ROOT, TINY, command_line, env_with_devices, read_metrics
+from tests.test_train import (DEMO, ROOT, TINY, command_line, env_with_devices,
+                              finished_checkpoints, read_metrics)
 
 
 def _free_port() -> int:
@@ -47,6 +50,55 @@ def test_two_hosts_of_two_devices_train_like_one_host_of_four(tmp_path):
   with open(os.path.join(one, 'metrics_validation.json')) as f1, \
       open(os.path.join(two, 'metrics_validation.json')) as f2:
     assert json.load(f1)['AP'] == pytest.approx(json.load(f2)['AP'], abs=1e-4)
+
+
+def _start_two(overrides, workdir, *flags):
+  port = _free_port()
+  return [subprocess.Popen(
+      command_line(overrides, workdir) + [f'--coordinator_address=127.0.0.1:{port}',
+                                          '--num_processes=2', f'--process_id={i}', *flags],
+      env=env_with_devices(2), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+      text=True) for i in range(2)]
+
+
+def _wait_for(condition, procs, timeout=600):
+  deadline = time.time() + timeout
+  while time.time() < deadline and all(p.poll() is None for p in procs):
+    if condition():
+      return
+    time.sleep(0.05)
+  raise AssertionError('a process ended before the condition held: ' + '\n'.join(
+      p.communicate()[0][-2000:] for p in procs))
+
+
+@pytest.mark.slow
+def test_a_killed_host_stops_the_other_naming_it_and_sigterm_stops_both_after_saving(tmp_path):
+  overrides = {**TINY, 'data.root': str(tmp_path / 'shapes'), 'num_train_steps': 10_000}
+  workdir = str(tmp_path / 'run')
+  procs = _start_two(overrides, workdir, '--host_timeout_seconds=10')
+  _wait_for(lambda: finished_checkpoints(workdir) and len(read_metrics(workdir)) >= 3, procs)
+  procs[1].send_signal(signal.SIGKILL)
+  killed_at = time.time()
+  out = procs[0].communicate(timeout=300)[0]
+  waited = time.time() - killed_at
+  procs[1].wait()
+  # Within the configured bound (10 s, a beat a second; loose for a loaded machine), one line
+  # naming the lost process, and the documented exit code instead of jax's abort (134).
+  assert procs[0].returncode == 75, out[-3000:]
+  assert 'Lost process 1 of 2' in out and 'restart every process' in out
+  assert waited < 120
+
+  # Both re-run: they resume, and SIGTERM to one host stops both at the same saved step (143).
+  saved = max(finished_checkpoints(workdir))
+  procs = _start_two(overrides, workdir)
+  _wait_for(lambda: any(m['step'] > saved + 1 for m in read_metrics(workdir)), procs)
+  procs[1].send_signal(signal.SIGTERM)
+  outs = [p.communicate(timeout=300)[0] for p in procs]
+  assert [p.returncode for p in procs] == [143, 143], outs[0][-3000:] + outs[1][-3000:]
+  assert 'resumed' in outs[0]
+  step = max(finished_checkpoints(workdir))
+  assert step > saved + 1
+  assert all(f'Preempted: saved step {step}' in out for out in outs)
 
 
 AOT_SCRIPT = r'''
