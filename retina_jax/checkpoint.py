@@ -31,9 +31,40 @@ def make_manager(workdir: str, keep: int, async_save: bool = True) -> ocp.Checkp
   return ocp.CheckpointManager(checkpoint_dir(workdir), options=options)
 
 
+class CheckpointWriteError(OSError):
+  pass
+
+
 def save(manager: ocp.CheckpointManager, state: Any, force: bool = False) -> bool:
+  """Starts writing `state` in the background (after the previous save finished: its failure
+  is raised here)."""
   step = int(jax.device_get(state.step))
-  return manager.save(step, args=ocp.args.StandardSave(state), force=force)
+  try:
+    return manager.save(step, args=ocp.args.StandardSave(state), force=force)
+  except Exception as e:  # pylint: disable=broad-except
+    raise _write_failed(manager, e) from e
+
+
+def wait_until_saved(manager: ocp.CheckpointManager):
+  try:
+    manager.wait_until_finished()
+  except Exception as e:  # pylint: disable=broad-except
+    raise _write_failed(manager, e) from e
+
+
+def _write_failed(manager: ocp.CheckpointManager, error: Exception) -> CheckpointWriteError:
+  """One line for a failed write (a full disk, lost permissions) naming where and what is left:
+  orbax writes into a temporary folder, so the checkpoints before it are intact."""
+  try:
+    manager.reload()  # Orbax's own view of what is complete (commit_success.txt on gs://).
+    newest = manager.latest_step()
+  except Exception:  # pylint: disable=broad-except
+    newest = None
+  return CheckpointWriteError(
+      f'Could not write a checkpoint in {manager.directory}: {_first_line(error)}. '
+      + (f'The newest intact one is step {newest}' if newest is not None else
+         'No checkpoint is saved')
+      + '; free space or fix permissions there, then re-run to resume.')
 
 
 def _name(path: tuple) -> str:

@@ -21,10 +21,6 @@ _PREFIX = 'retina_jax/alive/'
 _DONE = 'done'
 
 
-def _first_line(error: BaseException) -> str:
-  return (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
-
-
 class PeerWatchdog:
   """Beats every `timeout_s / 10` seconds (at least 1) in a daemon thread; `stop()` when this
   process ends on its own terms, so that its peers do not count it as lost."""
@@ -49,7 +45,7 @@ class PeerWatchdog:
       except Exception as e:  # pylint: disable=broad-except
         if not self._stopped.is_set():
           self._on_lost(f'Lost contact with the coordinator (process 0 of {self._count}): '
-                        f'{_first_line(e)}. {self._what_to_do()}')
+                        f'{(str(e).strip().splitlines() or [repr(e)])[0]}. {self._what_to_do()}')
         return
       now = time.monotonic()
       for peer in range(self._count):

@@ -61,13 +61,18 @@ def initialize_distributed():
     jax.distributed.initialize(**timeouts)
 
 
+def _exit_now(code: int):
+  """Exits without jax.distributed's shutdown barrier: other processes may be waiting for this
+  one in a collective, and learn that it is gone (their watchdogs name it) only once it is."""
+  for stream in [h for h in std_logging.getLogger().handlers] + [sys.stdout, sys.stderr]:
+    stream.flush()
+  os._exit(code)  # pylint: disable=protected-access
+
+
 def _host_lost(message: str):
-  """Called from the watchdog's thread while the main one hangs in a collective: only
-  os._exit ends the process then."""
+  """Called from the watchdog's thread while the main one hangs in a collective."""
   logging.error('%s', message)
-  for handler in std_logging.getLogger().handlers:
-    handler.flush()
-  os._exit(EXIT_HOST_LOST)  # pylint: disable=protected-access
+  _exit_now(EXIT_HOST_LOST)
 
 
 class _QuietLibraries:
@@ -97,15 +102,15 @@ def main(argv):
   except train.Preempted as e:
     logging.warning('%s', e)
     code = EXIT_PREEMPTED
-  except (train.NonFiniteError, checkpoint.DamagedCheckpointError) as e:
-    # Raised by every process alike. The message says what happened, where and what to do: no
-    # traceback above it.
-    logging.error('%s', e)
-    code = 1
-  # Ended on its own terms. An uncaught error, which may be this process's alone, skips this,
-  # so that the others stop naming it instead of waiting in a collective for it.
+  except (train.NonFiniteError, train.WorkdirError, train.EvaluationError,
+          checkpoint.DamagedCheckpointError, checkpoint.CheckpointWriteError) as e:
+    logging.error('%s', e)  # It says what happened, where and what to do: no traceback.
+    _exit_now(1)
+  except Exception:  # pylint: disable=broad-except
+    logging.exception('Training failed:')
+    _exit_now(1)
   if watchdog:
-    watchdog.stop()
+    watchdog.stop()  # Finished or preempted, as every other process.
   sys.exit(code)
 
 

@@ -358,6 +358,10 @@ class NonFiniteError(RuntimeError):
   pass
 
 
+class EvaluationError(RuntimeError):
+  pass
+
+
 def _every(step: int, period: int) -> bool:
   """Whether a periodic action (log, checkpoint, evaluation) is due; a period of 0 means only
   at the end of training, as for config.eval_every_steps in the demo."""
@@ -378,6 +382,24 @@ def validate_config(config: ml_collections.ConfigDict):
                      f'P{config.model.min_level}..P{config.model.max_level}')
 
 
+class WorkdirError(OSError):
+  pass
+
+
+def make_writable_workdir(workdir: str):
+  """Creates `workdir` and writes and removes one small file there (one per process), so that a
+  read-only or full workdir stops at start-up, naming it, rather than at the first save."""
+  path = fileio.Path(workdir)
+  probe = path / f'.write_probe.{jax.process_index()}'
+  try:
+    path.mkdir(parents=True, exist_ok=True)
+    probe.write_text('retina_jax')
+    probe.unlink()
+  except OSError as e:
+    raise WorkdirError(f'Cannot write to --workdir {workdir} ({e.strerror or e}): make it '
+                       'writable or free space on it, or pass another --workdir.') from e
+
+
 def write_config(config: ml_collections.ConfigDict, workdir: str):
   if jax.process_index() == 0:
     fileio.Path(workdir).mkdir(parents=True, exist_ok=True)
@@ -390,7 +412,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   Raises Preempted when a preemption request stopped it early (its checkpoint is saved).
   """
   validate_config(config)
-  fileio.Path(workdir).mkdir(parents=True, exist_ok=True)
+  make_writable_workdir(workdir)
   mesh = sharding_lib.make_mesh(config)
   sharding_lib.check_batch_size(config.batch_size, mesh)
   source = pipeline.create_source(config.data, config.data.train_split)
@@ -444,8 +466,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
           f'good checkpoint is step {manager.latest_step()} in {workdir}.')
 
   def run_eval(step):
+    """Evaluates the state of `step`, which is checkpointed already (the save completes
+    before a failure here leaves train_and_evaluate)."""
     variables = {'params': state.params, 'batch_stats': state.batch_stats}
-    eval_metrics = evaluator.evaluate_variables(config, variables, workdir, mesh=mesh)
+    try:
+      eval_metrics = evaluator.evaluate_variables(config, variables, workdir, mesh=mesh)
+    except Exception as e:  # pylint: disable=broad-except
+      raise EvaluationError(
+          f'Evaluation of {config.data.eval_split!r} at step {step} failed '
+          f'({type(e).__name__}: {e}). Training progress is kept: checkpoint step {step} is '
+          f'saved in {workdir}; fix the cause and re-run the same command to resume (an '
+          'unreadable image can be left out with config.data.skip_bad_images=True).') from e
     logger.write(step, {k: v for k, v in eval_metrics.items() if isinstance(v, (int, float))},
                  prefix='eval')
     if jax.process_index() == 0:
@@ -470,7 +501,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
       is_last = step == config.num_train_steps
       if preemption.reached(step):
         ckpt.save(manager, state, force=True)
-        manager.wait_until_finished()
+        ckpt.wait_until_saved(manager)
         raise Preempted(step, workdir)
       if _every(step, config.log_every_steps) or is_last:
         check_finite()
@@ -489,7 +520,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
                      'ETA %s', step, config.num_train_steps, summary['loss'],
                      summary['cls_loss'], summary['box_loss'], summary['num_foreground'],
                      summary['learning_rate'], summary.get('images_per_second', 0.0), eta)
-      if _every(step, config.checkpoint_every_steps) or is_last:
+      # An evaluation step is saved too, before evaluating: a failed evaluation loses nothing.
+      if (_every(step, config.checkpoint_every_steps) or _every(step, config.eval_every_steps)
+          or is_last):
         check_finite()
         ckpt.save(manager, state)
       if _every(step, config.eval_every_steps) and not is_last:
@@ -502,6 +535,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
                       'it as it is.', workdir, start_step, config.num_train_steps)
     run_eval(max(start_step, config.num_train_steps))
   finally:
-    manager.wait_until_finished()
+    ckpt.wait_until_saved(manager)
     logger.close()
   return state

@@ -175,3 +175,90 @@ def test_sigkill_during_asynchronous_saves_resumes_from_the_newest_complete_chec
   assert sum(advanced) >= 1 and advanced.count(False) >= 5, killed
   # Orbax's temporary folders of killed saves are cleaned up on the next start.
   assert all(name.isdigit() for name in report['left']), report['left']
+
+
+def _mount(*args) -> bool:
+  import subprocess  # pylint: disable=g-import-not-at-top
+  return subprocess.run(['mount', *args], capture_output=True).returncode == 0
+
+
+@pytest.fixture
+def read_only_dir(tmp_path):
+  """A folder that refuses writes: a read-only bind mount as root (for whom chmod changes
+  nothing), a chmod 555 folder otherwise."""
+  path = tmp_path / 'read_only'
+  path.mkdir()
+  if os.geteuid() != 0:
+    path.chmod(0o555)
+    yield path
+    path.chmod(0o755)
+  elif _mount('--bind', str(path), str(path)):
+    try:
+      if not _mount('-o', 'remount,ro,bind', str(path)):
+        pytest.skip('cannot remount read-only here')
+      yield path
+    finally:
+      _mount_undo(path)
+  else:
+    pytest.skip('root without mount permission: no way to make a read-only folder')
+
+
+def _mount_undo(path):
+  import subprocess  # pylint: disable=g-import-not-at-top
+  subprocess.run(['umount', str(path)], check=True)
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+  """A 1 MiB tmpfs (root with mount permission only)."""
+  path = tmp_path / 'small'
+  path.mkdir()
+  if os.geteuid() != 0 or not _mount('-t', 'tmpfs', '-o', 'size=1m', 'tmpfs', str(path)):
+    pytest.skip('needs root with mount permission for a small filesystem')
+  try:
+    yield path
+  finally:
+    _mount_undo(path)
+
+
+def test_read_only_workdir_stops_at_start_up_naming_it(read_only_dir, tmp_path):
+  from tests.test_train import tiny_config  # pylint: disable=g-import-not-at-top
+  config = tiny_config(str(tmp_path / 'shapes'))
+  for workdir in (read_only_dir, read_only_dir / 'run'):  # Existing, or to be made.
+    with pytest.raises(train.WorkdirError, match=f'--workdir {workdir} .*another --workdir'):
+      train.train_and_evaluate(config, str(workdir))
+
+
+def test_full_disk_fails_the_save_in_one_line_and_keeps_the_previous_checkpoint(small_disk):
+  workdir = str(small_disk / 'run')
+  manager = ckpt.make_manager(workdir, keep=3)
+  ckpt.save(manager, state_at(1))
+  ckpt.wait_until_saved(manager)
+  with open(small_disk / 'filler', 'wb', buffering=0) as f:
+    with pytest.raises(OSError):
+      while True:
+        f.write(b'\0' * 65536)
+  with pytest.raises(ckpt.CheckpointWriteError) as e:
+    ckpt.save(manager, state_at(2))
+    ckpt.wait_until_saved(manager)
+  message = str(e.value)
+  assert '\n' not in message and f'in {small_disk}/run/checkpoints: ' in message
+  assert 'newest intact one is step 1' in message
+  os.remove(small_disk / 'filler')  # Space again: the resumed run finds step 1 whole.
+  assert_same(ckpt.restore_latest(ckpt.make_manager(workdir, keep=3), state_at(0)), state_at(1))
+
+
+def test_a_failed_evaluation_names_the_image_and_keeps_the_step_it_evaluated(tmp_path):
+  from retina_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  from tests.test_train import tiny_config  # pylint: disable=g-import-not-at-top
+  config = tiny_config(str(tmp_path / 'shapes'), num_train_steps=4, eval_every_steps=3,
+                       checkpoint_every_steps=2)
+  source = pipeline.create_source(config.data, config.data.eval_split)
+  bad = os.path.join(source.image_dir, source.file_names[0])
+  with open(bad, 'wb') as f:
+    f.write(b'not an image')
+  workdir = str(tmp_path / 'run')
+  with pytest.raises(train.EvaluationError, match=f'at step 3 .*{bad}.*checkpoint step 3 is '
+                     'saved'):
+    train.train_and_evaluate(config, workdir)
+  assert ckpt.restore_variables(workdir)[1] == 3  # Not 2, the last periodic checkpoint.
