@@ -22,36 +22,6 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-@pytest.mark.slow
-def test_two_hosts_of_two_devices_train_like_one_host_of_four(tmp_path):
-  shapes = str(tmp_path / 'shapes')
-  overrides = {**TINY, 'data.root': shapes, 'num_train_steps': 3}
-  one = str(tmp_path / 'one')
-  subprocess.run(command_line(overrides, one), env=env_with_devices(4), check=True, cwd=ROOT,
-                 capture_output=True)
-  two = str(tmp_path / 'two')
-  port = _free_port()
-  procs = [subprocess.Popen(
-      command_line(overrides, two) + [f'--coordinator_address=127.0.0.1:{port}',
-                                      '--num_processes=2', f'--process_id={i}'],
-      env=env_with_devices(2), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-      text=True) for i in range(2)]
-  outputs = [p.communicate(timeout=600)[0] for p in procs]
-  for p, out in zip(procs, outputs):
-    assert p.returncode == 0, out[-3000:]
-  assert 'process 1 of 2' in outputs[1] and '4 global devices' in outputs[0]
-  a, b = read_metrics(one), read_metrics(two)
-  assert [m['step'] for m in a] == [m['step'] for m in b] == [1, 2, 3]
-  np.testing.assert_allclose([m['train/loss'] for m in b], [m['train/loss'] for m in a],
-                             rtol=1e-5)
-  np.testing.assert_allclose([m['train/num_foreground'] for m in b],
-                             [m['train/num_foreground'] for m in a])
-  # Both hosts evaluated together: one set of detections, every image once.
-  with open(os.path.join(one, 'metrics_validation.json')) as f1, \
-      open(os.path.join(two, 'metrics_validation.json')) as f2:
-    assert json.load(f1)['AP'] == pytest.approx(json.load(f2)['AP'], abs=1e-4)
-
-
 def _start_two(overrides, workdir, *flags):
   port = _free_port()
   return [subprocess.Popen(
@@ -67,8 +37,35 @@ def _wait_for(condition, procs, timeout=600):
     if condition():
       return
     time.sleep(0.05)
-  raise AssertionError('a process ended before the condition held: ' + '\n'.join(
+  for p in procs:
+    p.kill()
+  raise AssertionError('a process ended, or the condition did not hold in time: ' + '\n'.join(
       p.communicate()[0][-2000:] for p in procs))
+
+
+@pytest.mark.slow
+def test_two_hosts_of_two_devices_train_like_one_host_of_four(tmp_path):
+  shapes = str(tmp_path / 'shapes')
+  overrides = {**TINY, 'data.root': shapes, 'num_train_steps': 3}
+  one = str(tmp_path / 'one')
+  subprocess.run(command_line(overrides, one), env=env_with_devices(4), check=True, cwd=ROOT,
+                 capture_output=True)
+  two = str(tmp_path / 'two')
+  procs = _start_two(overrides, two)
+  outputs = [p.communicate(timeout=600)[0] for p in procs]
+  for p, out in zip(procs, outputs):
+    assert p.returncode == 0, out[-3000:]
+  assert 'process 1 of 2' in outputs[1] and '4 global devices' in outputs[0]
+  a, b = read_metrics(one), read_metrics(two)
+  assert [m['step'] for m in a] == [m['step'] for m in b] == [1, 2, 3]
+  np.testing.assert_allclose([m['train/loss'] for m in b], [m['train/loss'] for m in a],
+                             rtol=1e-5)
+  np.testing.assert_allclose([m['train/num_foreground'] for m in b],
+                             [m['train/num_foreground'] for m in a])
+  # Both hosts evaluated together: one set of detections, every image once.
+  with open(os.path.join(one, 'metrics_validation.json')) as f1, \
+      open(os.path.join(two, 'metrics_validation.json')) as f2:
+    assert json.load(f1)['AP'] == pytest.approx(json.load(f2)['AP'], abs=1e-4)
 
 
 @pytest.mark.slow
@@ -90,8 +87,10 @@ def test_a_killed_host_stops_the_other_naming_it_and_sigterm_stops_both_after_sa
 
   # Both re-run: they resume, and SIGTERM to one host stops both at the same saved step (143).
   saved = max(finished_checkpoints(workdir))
+  logged = max(m['step'] for m in read_metrics(workdir))  # Past `saved`, by the killed run.
   procs = _start_two(overrides, workdir)
-  _wait_for(lambda: any(m['step'] > saved + 1 for m in read_metrics(workdir)), procs)
+  _wait_for(lambda: any(m['step'] > max(saved + 1, logged) for m in read_metrics(workdir)),
+            procs)
   procs[1].send_signal(signal.SIGTERM)
   outs = [p.communicate(timeout=300)[0] for p in procs]
   assert [p.returncode for p in procs] == [143, 143], outs[0][-3000:] + outs[1][-3000:]
