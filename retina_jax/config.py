@@ -109,8 +109,8 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.data.min_size = 800  # Shorter side after resize.
   config.data.max_size = 1333  # Longer side cap.
   # Resize rule (pipeline.RESIZE_RULES): 'pil' (bilinear on uint8, round() sides, uint8 to the
-  # device; the fastest) or 'torchvision' (its GeneralizedRCNNTransform exactly: bilinear of the
-  # float image, floor() sides, per-axis box ratios; float32 to the device).
+  # device: 1/4 of the bytes) or 'torchvision' (its GeneralizedRCNNTransform exactly: bilinear
+  # of the float image, floor() sides, per-axis box ratios; float32 to the device).
   config.data.resize = 'pil'
   # Square bucket every image is padded into: a multiple of 32 (the stride of C5); 128-multiples
   # (1408 holds 1333) tile P7 exactly, as SPEC section 5 suggests.
