@@ -132,6 +132,10 @@ def write_export(out_dir: str, config, variables, categories: CategoryMap, batch
     name = EXPORTED_FILE if (h, w) == (s, s) else f'detect_{h}x{w}.jax_exported'
     detectors[name] = (h, w)
     canvases[images] = {'file': name, 'height': h, 'width': w}
+  if not canvases:
+    logging.warning('config.data.eval_buckets=%r pads each image into a canvas of its own size; '
+                    'the export holds the %dx%d detector only (signature.json canvases {}).',
+                    config.data.eval_buckets, s, s)
   variables = to_plain(variables)
   exported = {name: export_detector(config, variables, categories, batch_size, platforms, hw)
               for name, hw in detectors.items()}

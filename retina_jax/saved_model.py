@@ -99,18 +99,21 @@ def write_saved_model(out_dir: str, config, variables, categories: CategoryMap,
 
   variables: plain nested dicts of numpy arrays (`export.to_plain`).
   """
-  rule = config.data.get('resize', 'pil')
-  if rule != 'pil':
-    raise ValueError(f'config.data.resize={rule!r}: the SavedModel re-does in TF ops only the '
-                     "'pil' resize; export with --config.data.resize=pil or --format jax.")
+  data = config.data
+  if data.resize != 'pil':
+    raise ValueError(f'config.data.resize={data.resize!r}: the SavedModel re-does in TF ops only '
+                     "the 'pil' resize; export with --config.data.resize=pil or --format jax.")
+  canvases = pipeline.eval_canvases(data)
+  if not canvases:
+    raise ValueError(f'config.data.eval_buckets={data.eval_buckets!r}: a canvas per image size '
+                     'cannot be served from one SavedModel; export with '
+                     '--config.data.eval_buckets=orientation or square.')
   try:
     import tensorflow as tf  # pylint: disable=g-import-not-at-top
     from jax.experimental import jax2tf  # pylint: disable=g-import-not-at-top
   except ImportError:
     raise ImportError('--format saved_model needs tensorflow: pip install -r '
                       'requirements.txt') from None
-  data = config.data
-  canvases = pipeline.eval_canvases(data)
   detect = inference.make_detect_fn(config)
   cat_ids = np.asarray(categories.ids, np.int32)
 

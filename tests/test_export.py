@@ -117,6 +117,16 @@ def test_params_config_and_categories_round_trip(tmp_path):
   assert signature['platforms'] == ['cpu']
 
 
+def test_per_image_canvases_export_the_square_detector_only(tmp_path):
+  config = tiny_detector.tiny_config()
+  config.data.eval_buckets = 'torchvision'  # A canvas per image size: no fixed set to export.
+  out_dir = tmp_path / 'export'
+  export_lib.write_export(str(out_dir), config, tiny_detector.random_variables(config),
+                          tiny_detector.CATEGORIES, platforms=('cpu',))
+  assert [p.name for p in out_dir.glob('*.jax_exported')] == ['detect.jax_exported']
+  assert json.loads((out_dir / 'signature.json').read_text())['canvases'] == {}
+
+
 def test_config_categories_take_precedence(tmp_path):
   config = tiny_detector.tiny_config()
   tv = categories.torchvision_coco_v1()

@@ -85,11 +85,13 @@ def test_pil_resize_in_tensorflow_is_bit_exact(tmp_path):
   _run(['-c', _RESIZE_CHECK], tiny_detector.subprocess_env(), str(tmp_path))
 
 
-def test_other_resize_rules_are_refused_naming_the_field(tmp_path):
+@pytest.mark.parametrize('field,value', [('resize', 'torchvision'),
+                                         ('eval_buckets', 'torchvision')])
+def test_what_the_saved_model_cannot_do_is_refused_naming_the_field(tmp_path, field, value):
   from retina_jax import saved_model  # pylint: disable=g-import-not-at-top
   config = tiny_detector.tiny_config()
-  config.data.resize = 'torchvision'
-  with pytest.raises(ValueError, match=r"config\.data\.resize='torchvision'"):
+  config.data[field] = value
+  with pytest.raises(ValueError, match=rf"config\.data\.{field}='{value}'"):
     saved_model.write_saved_model(str(tmp_path), config, {}, tiny_detector.CATEGORIES)
 
 

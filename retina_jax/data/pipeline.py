@@ -237,15 +237,17 @@ def eval_canvas(data_config, h: int, w: int) -> tuple[int, int]:
 
 def eval_canvases(data_config) -> dict[str, tuple[int, int]]:
   """Every canvas `eval_canvas` pads into, by the images it takes: {'landscape': (Hc, Wc) for
-  width >= height, 'portrait': ...} under 'orientation', {'any': (S, S)} under 'square'."""
+  width >= height, 'portrait': ...} under 'orientation', {'any': (S, S)} under 'square', and
+  {} under 'torchvision', whose canvas follows each image's size (no fixed set)."""
   buckets = data_config.get('eval_buckets', 'orientation')
   if buckets == 'orientation':
     return {'landscape': canvas_for(data_config, 1, 1, buckets),
             'portrait': canvas_for(data_config, 2, 1, buckets)}
   if buckets == 'square':
     return {'any': canvas_for(data_config, 1, 1, buckets)}
-  raise ValueError(f'config.data.eval_buckets={buckets!r} has no fixed set of canvases; '
-                   'export with --config.data.eval_buckets=orientation or square.')
+  if buckets not in BUCKETS:
+    raise ValueError(f'config.data.eval_buckets must be one of {BUCKETS}, got {buckets!r}.')
+  return {}
 
 
 def preprocess(example: dict, *, min_size: int, max_size: int, image_size: int, max_boxes: int,
