@@ -105,14 +105,16 @@ def export_dir(params: str) -> str:
 
 
 def load_params(path: str) -> dict:
-  """{'params', 'batch_stats'} from an export directory (or its params.msgpack file); an export
-  that `retina_jax.export` did not finish writing (no `fileio.COMPLETE`) counts as absent."""
+  """{'params', 'batch_stats'} from an export directory (or its params.msgpack file), or from a
+  parameters file of another name (as scripts/convert_torchvision.py writes); an export that
+  `retina_jax.export` did not finish writing (no `fileio.COMPLETE`) counts as absent."""
   folder = export_dir(path)
+  is_export = fileio.Path(path).is_dir() or fileio.Path(path).name == PARAMS_FILE
   path = str(fileio.Path(folder) / PARAMS_FILE) if fileio.Path(path).is_dir() else path
   if not fileio.Path(path).exists():
     raise FileNotFoundError(f'No exported parameters at {path}; write them with '
                             '`python -m retina_jax.export --workdir DIR --out PATH`.')
-  if not fileio.is_complete(folder):
+  if is_export and not fileio.is_complete(folder):
     raise FileNotFoundError(f'The export {folder} is incomplete (no {fileio.COMPLETE} file: its '
                             'writing was interrupted); export again with `python -m '
                             'retina_jax.export --workdir DIR --out PATH`.')

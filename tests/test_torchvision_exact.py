@@ -73,7 +73,8 @@ def tv_model():
 def params_file(tv_model, tmp_path_factory):
   variables, report = convert.convert_state_dict(torchvision_reference.numpy_state_dict(tv_model))
   assert not report.missing and not report.unexpected
-  path = tmp_path_factory.mktemp('converted') / 'params.msgpack'
+  # Any name but an export's params.msgpack: a converted file is not an export folder.
+  path = tmp_path_factory.mktemp('converted') / 'retinanet.msgpack'
   convert.save_variables(variables, str(path))
   return path
 
