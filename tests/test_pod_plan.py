@@ -49,6 +49,7 @@ def test_compiles_the_train_step_and_detector_for_the_topology(report):
   pod_plan.check_fits(report)
   assert report['schedule_hours_at_bound'] == pytest.approx(
       1000 * report['train_step']['bound_seconds'] / 3600)
+  assert report['schedule_hours_at_mfu'] >= report['schedule_hours_at_bound']
   json.dumps(report)
   assert 'peak' in pod_plan.format_report(report)
 

@@ -11,10 +11,10 @@ evaluation detector (`evaluator.sharded_detect`, config.eval_batch_size, the lan
 canvas), and prints, per chip: the memory (arguments, temporaries, peak) against the chip's HBM,
 the FLOPs and bytes XLA's cost analysis counts per step, the roofline bound on the step time
 (max of FLOPs / peak bf16 FLOP/s and bytes / HBM bandwidth, CHIPS below), images/s per chip at
-that bound, the collectives, and num_train_steps at the bound and at `--mfu`. Every figure is an
-ahead-of-time-compile estimate or bound, not a measurement; collectives' ICI time and the input
-pipeline are not in the bound. Exits 1 with one line naming the batch and the memory when the
-step does not fit.
+that bound, the collectives, and num_train_steps at the bound and at `--mfu` (FLOPs / (peak x
+MFU), never below the bound). Every figure is an ahead-of-time-compile estimate or bound, not a
+measurement; collectives' ICI time and the input pipeline are not in the bound. Exits 1 with
+one line naming the batch and the memory when the step does not fit.
 """
 
 import dataclasses
@@ -176,7 +176,9 @@ def plan(config, topology: str, *, mfu: float = 0.4, detector: bool = True,
   report['train_step'] = step
   steps = config.num_train_steps
   report['schedule_hours_at_bound'] = steps * step['bound_seconds'] / 3600
-  report['schedule_hours_at_mfu'] = steps * step['flops'] / (chip.peak_bf16_flops * mfu) / 3600
+  # A step cannot beat its roofline bound, whatever share of the peak FLOP/s it reaches.
+  at_mfu = max(step['flops'] / (chip.peak_bf16_flops * mfu), step['bound_seconds'])
+  report['schedule_hours_at_mfu'] = steps * at_mfu / 3600
   if detector:
     eval_batch = config.eval_batch_size
     eval_canvas = pipeline.canvas_for(config.data, 1, 1, config.data.eval_buckets)
