@@ -6,15 +6,16 @@
 Compiles, ahead of time, for the compile-only devices of the TPU topology (the TPU runtime of
 requirements-tpu.txt; no TPU attached: JAX itself runs on the CPU) the train step that
 `retina_jax.main` runs (`train.abstract_train_state`, `abstract_batch`, `make_train_step` over
-`sharding.make_mesh` of the topology's chips, in the training canvas of config.data) and the
-evaluation detector (`evaluator.sharded_detect`, config.eval_batch_size, the landscape eval
-canvas), and prints, per chip: the memory (arguments, temporaries, peak) against the chip's HBM,
-the FLOPs and bytes XLA's cost analysis counts per step, the roofline bound on the step time
-(max of FLOPs / peak bf16 FLOP/s and bytes / HBM bandwidth, CHIPS below), images/s per chip at
-that bound, the collectives, and num_train_steps at the bound and at `--mfu` (FLOPs / (peak x
-MFU), never below the bound). Every figure is an ahead-of-time-compile estimate or bound, not a
-measurement; collectives' ICI time and the input pipeline are not in the bound. Exits 1 with
-one line naming the batch and the memory when the step does not fit.
+`sharding.make_mesh` of the topology's chips) and the evaluation detector
+(`evaluator.sharded_detect`, config.eval_batch_size), each in its canvas (config.data's
+train_buckets / eval_buckets) of the largest landscape image, and prints, per chip: the memory
+(arguments, temporaries, peak) against the chip's HBM, the FLOPs and bytes XLA's cost analysis
+counts per step, the roofline bound on the step time (max of FLOPs / peak bf16 FLOP/s and
+bytes / HBM bandwidth, CHIPS below), images/s per chip at that bound, the collectives, and
+num_train_steps at the bound and at `--mfu` (FLOPs / (peak x MFU), never below the bound).
+Every figure is an ahead-of-time-compile estimate or bound, not a measurement; collectives' ICI
+time and the input pipeline are not in the bound. Exits 1 with one line naming the batch and
+the memory when the step does not fit.
 """
 
 import dataclasses
@@ -165,8 +166,10 @@ def plan(config, topology: str, *, mfu: float = 0.4, detector: bool = True,
             config.num_train_steps}
   model = models.create_model(config)
   state, tx = train.abstract_train_state(config, model, mesh)
-  # Landscape (w >= h); portrait canvases are its transpose, with the same memory and cost.
-  canvas = pipeline.canvas_for(config.data, 1, 1, config.data.train_buckets)
+  # The canvas of the largest landscape image the resize rule makes (min_size x max_size);
+  # portrait canvases are its transpose, with the same memory and cost.
+  largest = (int(config.data.min_size), int(config.data.max_size))
+  canvas = pipeline.canvas_for(config.data, *largest, config.data.train_buckets)
   t0 = time.perf_counter()
   lowered = train.make_train_step(config, model, tx, mesh).lower(
       state, train.abstract_batch(config, mesh, canvas))
@@ -181,7 +184,7 @@ def plan(config, topology: str, *, mfu: float = 0.4, detector: bool = True,
   report['schedule_hours_at_mfu'] = steps * at_mfu / 3600
   if detector:
     eval_batch = config.eval_batch_size
-    eval_canvas = pipeline.canvas_for(config.data, 1, 1, config.data.eval_buckets)
+    eval_canvas = pipeline.canvas_for(config.data, *largest, config.data.eval_buckets)
     split = sharding_lib.batch_sharding(mesh)
     variables = {'params': state.params, 'batch_stats': state.batch_stats}
     t0 = time.perf_counter()
