@@ -31,6 +31,7 @@ class PeerWatchdog:
     self._timeout_s = timeout_s
     self._on_lost = on_lost
     self._stopped = threading.Event()
+    self._silent = threading.Event()
     threading.Thread(target=self._run, name='retina_jax-peer-watchdog', daemon=True).start()
 
   def _run(self):
@@ -39,7 +40,8 @@ class PeerWatchdog:
     while not self._stopped.wait(max(1.0, self._timeout_s / 10)):
       beat += 1
       try:
-        self._client.key_value_set(f'{_PREFIX}{self._me}', str(beat), allow_overwrite=True)
+        if not self._silent.is_set():
+          self._client.key_value_set(f'{_PREFIX}{self._me}', str(beat), allow_overwrite=True)
         values = {key.rsplit('/', 1)[-1]: value
                   for key, value in self._client.key_value_dir_get(_PREFIX)}
       except Exception as e:  # pylint: disable=broad-except
@@ -63,6 +65,13 @@ class PeerWatchdog:
   def _what_to_do(self) -> str:
     return (f'Process {self._me} stops too, without saving: restart every process with the '
             'same command to resume from the newest checkpoint.')
+
+  def wait_for_a_lost_peer(self):
+    """After an error in this process: stops beating, so that its peers see it go, and keeps
+    watching them for one more timeout, so that an error a lost peer caused (gloo sometimes
+    raises 'Connection reset by peer' before any timeout) ends as that loss (`on_lost`)."""
+    self._silent.set()
+    time.sleep(self._timeout_s + 2 * max(1.0, self._timeout_s / 10))
 
   def stop(self):
     self._stopped.set()

@@ -102,12 +102,14 @@ def main(argv):
   except train.Preempted as e:
     logging.warning('%s', e)
     code = EXIT_PREEMPTED
-  except (train.NonFiniteError, train.WorkdirError, train.EvaluationError,
-          checkpoint.DamagedCheckpointError, checkpoint.CheckpointWriteError) as e:
-    logging.error('%s', e)  # It says what happened, where and what to do: no traceback.
-    _exit_now(1)
-  except Exception:  # pylint: disable=broad-except
-    logging.exception('Training failed:')
+  except Exception as e:  # pylint: disable=broad-except
+    if watchdog:  # Was it this process's own error, or did a lost peer cause it? (exits 75)
+      watchdog.wait_for_a_lost_peer()
+    if isinstance(e, (train.NonFiniteError, train.WorkdirError, train.EvaluationError,
+                      checkpoint.DamagedCheckpointError, checkpoint.CheckpointWriteError)):
+      logging.error('%s', e)  # It says what happened, where and what to do: no traceback.
+    else:
+      logging.exception('Training failed:')
     _exit_now(1)
   if watchdog:
     watchdog.stop()  # Finished or preempted, as every other process.

@@ -83,6 +83,8 @@ def test_a_killed_host_stops_the_other_naming_it_and_sigterm_stops_both_after_sa
   # naming the lost process, and the documented exit code instead of jax's abort (134).
   assert procs[0].returncode == 75, out[-3000:]
   assert 'Lost process 1 of 2' in out and 'restart every process' in out
+  print(f'process 0 stopped {waited:.1f} s after process 1 was killed; its last lines:\n'
+        + '\n'.join(out.strip().splitlines()[-3:]))
   assert waited < 120
 
   # Both re-run: they resume, and SIGTERM to one host stops both at the same saved step (143).
