@@ -127,6 +127,17 @@ def get_base_config() -> ml_collections.ConfigDict:
   # 'torchvision' also works here (batches grouped by canvas, as in evaluation).
   config.data.train_buckets = 'square'
   config.data.random_flip = True
+  # Augmentations beyond the flip, all off here (retina_jax/data/augment.py says what each does).
+  config.data.train_min_sizes = ()  # Multi-scale: shorter sides to draw from; () = min_size.
+  config.data.train_min_size_sampling = 'choice'  # choice (from the list) | range ((lo, hi))
+  config.data.scale_jitter = (1.0, 1.0)  # Factor range on the scale, then crop; (0.1, 2.0): LSJ.
+  config.data.crop_min_visible = 0.25  # Share of a box's area a crop must keep for the box to stay.
+  config.data.random_vflip = False
+  config.data.random_rot90 = False  # Needs square training canvases.
+  config.data.brightness = 0.0  # ColorJitter-style: factor from [1 - x, 1 + x].
+  config.data.contrast = 0.0
+  config.data.saturation = 0.0
+  config.data.hue = 0.0  # Shift from [-x, x] turns (<= 0.5).
   config.data.num_workers = 4  # Host threads decoding images.
   config.data.pixel_mean = (0.485 * 255, 0.456 * 255, 0.406 * 255)
   config.data.pixel_std = (0.229 * 255, 0.224 * 255, 0.225 * 255)

@@ -111,15 +111,23 @@ def _equal(a, b):
   return all(np.array_equal(a[k], b[k]) for k in a) and a.keys() == b.keys()
 
 
-def test_batches_are_a_pure_function_of_seed_and_step(shapes_root):
-  cfg = _config(shapes_root)
+# Every augmentation on: multi-scale, large-scale jitter with crops, photometric, flips, turns.
+AUGMENTED = {'train_min_sizes': (96, 128), 'scale_jitter': (0.1, 2.0), 'random_vflip': True,
+             'random_rot90': True, 'brightness': 0.3, 'contrast': 0.3, 'saturation': 0.3,
+             'hue': 0.05}
+
+
+@pytest.mark.parametrize('augmented', [False, True])
+def test_batches_are_a_pure_function_of_seed_and_step(shapes_root, augmented):
+  aug = AUGMENTED if augmented else {}
+  cfg = _config(shapes_root, **aug)
   src = pipeline.create_source(cfg, 'train')
   loader = pipeline.TrainLoader(src, cfg, 4, seed=1, process_index=0, process_count=1)
   it = loader.iterate(0)
   straight = [next(it) for _ in range(6)]
   it.close()
-  other = pipeline.TrainLoader(src, _config(shapes_root, num_workers=1, prefetch_batches=1), 4,
-                               seed=1, process_index=0, process_count=1)
+  other = pipeline.TrainLoader(src, _config(shapes_root, num_workers=1, prefetch_batches=1, **aug),
+                               4, seed=1, process_index=0, process_count=1)
   resumed = other.iterate(3)
   for step in range(3, 6):
     assert _equal(next(resumed), straight[step])
@@ -161,8 +169,9 @@ def test_flip_mirrors_boxes_and_pixels(shapes_root):
       np.testing.assert_array_equal(ab, bb)
 
 
-def test_hosts_take_their_rows_of_the_same_global_batch(shapes_root):
-  cfg = _config(shapes_root)
+@pytest.mark.parametrize('augmented', [False, True])
+def test_hosts_take_their_rows_of_the_same_global_batch(shapes_root, augmented):
+  cfg = _config(shapes_root, **(AUGMENTED if augmented else {}))
   src = pipeline.create_source(cfg, 'train')
   whole = pipeline.TrainLoader(src, cfg, 6, seed=0, process_index=0, process_count=1).batch(2)
   parts = [pipeline.TrainLoader(src, cfg, 6, seed=0, process_index=i, process_count=3).batch(2)
@@ -193,6 +202,44 @@ def test_eval_sees_every_image_once_across_hosts(shapes_root, num_images):
                              rtol=0.02)
   gt = src.coco_gt(num_images)
   assert sorted(im['id'] for im in gt['images']) == sorted(ids.tolist())
+
+
+def test_augmentations_leave_evaluation_untouched(shapes_root):
+  src = pipeline.create_source(_config(shapes_root), 'validation')
+  plain = list(pipeline.eval_batches(src, _config(shapes_root), 4, process_index=0,
+                                     process_count=1, image_hw=src.original_hw))
+  augmented = list(pipeline.eval_batches(src, _config(shapes_root, **AUGMENTED), 4,
+                                         process_index=0, process_count=1,
+                                         image_hw=src.original_hw))
+  assert len(plain) == len(augmented)
+  for a, b in zip(plain, augmented):
+    assert _equal(a, b)
+
+
+def test_augmented_training_changes_pixels_and_boxes_but_keeps_ids(shapes_root):
+  src = pipeline.create_source(_config(shapes_root), 'train')
+  plain = pipeline.TrainLoader(src, _config(shapes_root), 8, seed=0, process_index=0,
+                               process_count=1)
+  augmented = pipeline.TrainLoader(src, _config(shapes_root, **AUGMENTED), 8, seed=0,
+                                   process_index=0, process_count=1)
+  a, b = plain.batch(0), augmented.batch(0)
+  np.testing.assert_array_equal(a['image_id'], b['image_id'])
+  np.testing.assert_array_equal(plain.example_indices(0)[1], augmented.example_indices(0)[1])
+  assert not np.array_equal(a['image'], b['image']) and not np.array_equal(a['scale'], b['scale'])
+  np.testing.assert_array_equal(a['orig_hw'], b['orig_hw'])
+  assert b['image'].shape == a['image'].shape and b['boxes'].shape == a['boxes'].shape
+
+
+def test_multiscale_orientation_canvases_hold_the_largest_size_and_turns_need_squares():
+  cfg = config_lib.get_base_config().data
+  cfg.min_size, cfg.max_size, cfg.image_size, cfg.num_workers = 64, 128, 128, 1
+  cfg.train_buckets, cfg.train_min_sizes = 'orientation', (64, 96)
+  src = _SizedSource([(100, 200), (200, 100)] * 3)
+  loader = pipeline.TrainLoader(src, cfg, 2, seed=0, process_index=0, process_count=1)
+  assert loader.canvases == [(96, 128), (128, 96)]
+  cfg.random_rot90 = True
+  with pytest.raises(ValueError, match="train_buckets='square'"):
+    pipeline.TrainLoader(src, cfg, 2, seed=0, process_index=0, process_count=1)
 
 
 def test_eval_canvas_holds_every_resized_image():

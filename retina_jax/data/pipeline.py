@@ -17,17 +17,19 @@ global jax.Array):
   'scale'         float32 [B, 2] (sy, sx): box coordinates resized = original * s per axis
                           (config.data.resize: `resize_geometry`)
   'example_valid' bool    [B] False on eval padding (and on skipped unreadable images)
+  'cropped_out'   int32   [B] objects and crowd regions a training crop dropped (host-side)
 S = config.data.image_size, G = config.data.max_boxes. Normalisation happens on device
 (`normalize_images`), so the host ships 1 byte per channel (4 under resize='torchvision').
 
 Resume design: where the training data stands is a pure function of (seed, step), never of
 iterator state. Global example position p = step * global_batch + row; epoch e = p // N (N
 examples), and the example is `permutation(seed, e)[p % N]`, the permutation drawn from
-numpy's PCG64 seeded with (seed, 0, e); its horizontal flip is drawn from (seed, 1, p). Epochs run
-into each other without dropping a remainder, so every example is seen once per epoch. A run
-resumed at step s calls `TrainLoader.iterate(s)` (or `batch(s)`) and gets exactly the batches an
-uninterrupted run would have got: nothing repeated, nothing skipped, whatever the number of
-workers, prefetch depth or restarts. The global batch is also the same for any number of hosts:
+numpy's PCG64 seeded with (seed, 0, e); its horizontal flip is drawn from (seed, 1, p), any
+other augmentation (`retina_jax.data.augment`) from (seed, 2, p). Epochs run into each other
+without dropping a remainder, so every example is seen once per epoch. A run resumed at step s
+calls `TrainLoader.iterate(s)` (or `batch(s)`) and gets exactly the batches an uninterrupted run
+would have got: nothing repeated, nothing skipped, whatever the number of workers, prefetch depth
+or restarts. The global batch is also the same for any number of hosts:
 process i takes rows [i * B, (i + 1) * B) of it, B = global batch / process count.
 """
 
@@ -47,7 +49,7 @@ import numpy as np
 from PIL import Image
 
 from retina_jax import anchors as anchors_lib
-from retina_jax.data import shapes
+from retina_jax.data import augment, shapes
 from retina_jax.data.coco_format import BadImageError, CocoFormatSource
 from retina_jax.data.tfds_source import TfdsSource
 
@@ -198,7 +200,8 @@ def _ceil_multiple(x: int, m: int = anchors_lib.SIZE_MULTIPLE) -> int:
   return -(-int(x) // m) * m
 
 
-def canvas_for(data_config, h: int, w: int, buckets: str) -> tuple[int, int]:
+def canvas_for(data_config, h: int, w: int, buckets: str, min_size: int | None = None
+               ) -> tuple[int, int]:
   """(height, width) of the canvas an original h x w image is padded into, for `buckets`:
     'square': S x S, S = config.data.image_size.
     'orientation': the smallest canvases the resize rule can fill, one for landscape (w >= h)
@@ -213,19 +216,22 @@ def canvas_for(data_config, h: int, w: int, buckets: str) -> tuple[int, int]:
       800 / 1333 a canvas has a side of 800 with the other in 800..1344 (35 canvases), or a
       side of 1344 (the cap) with the other in 32..768 (48 more): at most 83, whatever the
       data set, each compiled once and kept by the detector's jit cache.
+  min_size: the shorter side to hold instead of config.data.min_size (multi-scale training
+  holds its largest).
   """
   s = int(data_config.image_size)
+  min_side = int(data_config.min_size if min_size is None else min_size)
   if buckets == 'square':
     return s, s
   if buckets == 'torchvision':
-    (nh, nw), _ = resize_geometry(h, w, int(data_config.min_size), int(data_config.max_size), s,
+    (nh, nw), _ = resize_geometry(h, w, min_side, int(data_config.max_size), s,
                                   data_config.resize)
     return _ceil_multiple(nh), _ceil_multiple(nw)
   if buckets != 'orientation':
     raise ValueError(f'config.data.train_buckets / eval_buckets must be one of {BUCKETS}, '
                      f'got {buckets!r}.')
   long_side = min(int(data_config.max_size), s)
-  short_side = min(int(data_config.min_size), long_side)
+  short_side = min(min_side, long_side)
   short_side, long_side = _ceil_multiple(short_side), _ceil_multiple(long_side)
   return (short_side, long_side) if w >= h else (long_side, short_side)
 
@@ -252,7 +258,9 @@ def eval_canvases(data_config) -> dict[str, tuple[int, int]]:
 
 def preprocess(example: dict, *, min_size: int, max_size: int, image_size: int, max_boxes: int,
                flip: bool, image_out: np.ndarray | None = None,
-               canvas: tuple[int, int] | None = None, resize: str = 'pil') -> dict[str, Any]:
+               canvas: tuple[int, int] | None = None, resize: str = 'pil',
+               draw: augment.Draw | None = None, crop_min_visible: float = 0.0
+               ) -> dict[str, Any]:
   """One source example -> one row of the host batch (see the module docstring for layouts).
 
   example: 'image' uint8 [H, W, 3]; 'boxes' float32 [n, 4] (x1, y1, x2, y2) original pixels;
@@ -260,37 +268,74 @@ def preprocess(example: dict, *, min_size: int, max_size: int, image_size: int, 
   crowd regions first (they only ever cause ignored anchors), then the last ones in file order.
   image_out: optional all-zero [Hc, Wc, 3] array of `image_dtype` to write the padded image
   into (a row of the batch array, which saves copying megabytes per image at 800 px).
-  canvas: (Hc, Wc) of the padded image; (S, S) when None. Must hold the resized image.
+  canvas: (Hc, Wc) of the padded image; (S, S) when None. Must hold the resized image, unless
+  `draw` jitters the scale (then a larger image is cropped into it).
   resize: the resize rule, config.data.resize (RESIZE_RULES).
+  draw: training augmentation (`augment.draw`), applied in this order: quarter turns of the
+  original, the resize rule with draw.min_size and every size of the rule times draw.jitter,
+  the crop (boxes that keep less than crop_min_visible of their area inside are dropped;
+  'cropped_out' counts them), the flips, the photometric distortion. None (evaluation): the
+  plain resize. Either way 'scale' is the applied resize (resized = original * s per axis,
+  before any crop) and 'image_hw' the valid region.
   """
-  image = example['image']
+  image, boxes = example['image'], example['boxes'].astype(np.float32)
+  labels, is_crowd = example['labels'], np.asarray(example['is_crowd'], bool)
   h, w = image.shape[:2]
-  (nh, nw), (sy, sx) = resize_geometry(h, w, min_size, max_size, image_size, resize)
-  image = resize_image(image, (nh, nw), resize)
-  boxes = example['boxes'].astype(np.float32) * np.asarray([sx, sy, sx, sy], np.float32)
-  boxes = np.clip(boxes, 0, np.asarray([nw, nh, nw, nh], np.float32))  # Rounding of the sides.
+  canvas = (image_size, image_size) if canvas is None else tuple(canvas)
+  if draw is not None and draw.rot90:
+    image, boxes = augment.rot90(image, boxes, draw.rot90)
+  rh, rw = image.shape[:2]
+  scale_jittered = draw is not None and draw.jitter != 1.0
+  if draw is None:
+    sizes = (min_size, max_size, image_size)
+  else:  # Jitter scales every size of the rule; what passes the canvas is cropped away.
+    sizes = tuple(s * draw.jitter for s in (draw.min_size, max_size, image_size))
+  (nh, nw), (sy, sx) = resize_geometry(rh, rw, *sizes, resize)
+  nh, nw = int(nh), int(nw)  # Jittered sizes are floats.
+  y0, x0, ch, cw = (augment.crop_window((nh, nw), canvas, draw.crop) if scale_jittered
+                    else (0, 0, nh, nw))
+  if (ch, cw) == (nh, nw) or (nh, nw) == (rh, rw):
+    image = resize_image(image, (nh, nw), resize)[y0:y0 + ch, x0:x0 + cw]
+  elif resize == 'pil':  # Resizes only the window: the crop of the resized image, at its cost.
+    image = np.asarray(Image.fromarray(image).resize(
+        (cw, ch), Image.BILINEAR, box=(x0 * rw / nw, y0 * rh / nh, (x0 + cw) * rw / nw,
+                                       (y0 + ch) * rh / nh)))
+  else:
+    image = resize_image(image, (nh, nw), resize)[y0:y0 + ch, x0:x0 + cw]
+  boxes = boxes * np.asarray([sx, sy, sx, sy], np.float32)
+  keep = np.ones(len(boxes), bool)
+  if not scale_jittered:
+    boxes = np.clip(boxes, 0, np.asarray([nw, nh, nw, nh], np.float32))  # Rounding of the sides.
+  else:  # Also uncropped: at scale 0.1 the rounding of a side can swallow a whole box.
+    boxes, keep = augment.crop_boxes(boxes, is_crowd, (y0, x0, ch, cw), crop_min_visible)
+    boxes, labels, is_crowd = boxes[keep], labels[keep], is_crowd[keep]
   if flip:
     image = image[:, ::-1]
-    boxes = np.stack([nw - boxes[:, 2], boxes[:, 1], nw - boxes[:, 0], boxes[:, 3]], axis=1)
-  order = np.argsort(example['is_crowd'], kind='stable')[:max_boxes]
+    boxes = augment.hflip_boxes(boxes, cw)
+  if draw is not None and draw.vflip:
+    image = image[::-1]
+    boxes = augment.vflip_boxes(boxes, ch)
+  if draw is not None and draw.photometric:
+    image = augment.photometric(np.ascontiguousarray(image), draw)
+  order = np.argsort(is_crowd, kind='stable')[:max_boxes]
   n = len(order)
   out_boxes = np.zeros((max_boxes, 4), np.float32)
   out_boxes[:n] = boxes[order]
-  labels = np.zeros((max_boxes,), np.int32)
-  labels[:n] = example['labels'][order]
+  out_labels = np.zeros((max_boxes,), np.int32)
+  out_labels[:n] = labels[order]
   crowd = np.zeros((max_boxes,), bool)
-  crowd[:n] = example['is_crowd'][order]
-  canvas = (image_size, image_size) if canvas is None else tuple(canvas)
-  if nh > canvas[0] or nw > canvas[1]:
-    raise ValueError(f'Image id {example["image_id"]}: resized to {nh}x{nw}, larger than the '
+  crowd[:n] = is_crowd[order]
+  if ch > canvas[0] or cw > canvas[1]:
+    raise ValueError(f'Image id {example["image_id"]}: resized to {ch}x{cw}, larger than the '
                      f'{canvas[0]}x{canvas[1]} canvas.')
   padded = np.zeros((*canvas, 3), image.dtype) if image_out is None else image_out
-  padded[:nh, :nw] = image
+  padded[:ch, :cw] = image
   return {
-      'image': padded, 'image_hw': np.asarray([nh, nw], np.int32), 'boxes': out_boxes,
-      'labels': labels, 'is_crowd': crowd, 'box_valid': np.arange(max_boxes) < n,
+      'image': padded, 'image_hw': np.asarray([ch, cw], np.int32), 'boxes': out_boxes,
+      'labels': out_labels, 'is_crowd': crowd, 'box_valid': np.arange(max_boxes) < n,
       'image_id': np.int64(example['image_id']), 'orig_hw': np.asarray([h, w], np.int32),
-      'scale': np.asarray([sy, sx], np.float32), 'example_valid': np.bool_(True)}
+      'scale': np.asarray([sy, sx], np.float32), 'example_valid': np.bool_(True),
+      'cropped_out': np.int32((~keep).sum())}
 
 
 def _blank_batch(batch_size: int, canvas: tuple[int, int], max_boxes: int,
@@ -302,7 +347,8 @@ def _blank_batch(batch_size: int, canvas: tuple[int, int], max_boxes: int,
       'boxes': np.zeros((b, g, 4), np.float32), 'labels': np.zeros((b, g), np.int32),
       'is_crowd': np.zeros((b, g), bool), 'box_valid': np.zeros((b, g), bool),
       'image_id': np.full((b,), -1, np.int64), 'orig_hw': np.zeros((b, 2), np.int32),
-      'scale': np.ones((b, 2), np.float32), 'example_valid': np.zeros((b,), bool)}
+      'scale': np.ones((b, 2), np.float32), 'example_valid': np.zeros((b,), bool),
+      'cropped_out': np.zeros((b,), np.int32)}
 
 
 
@@ -382,6 +428,7 @@ class _Batcher:
     self.image_dtype = image_dtype(data_config)
     self.skip_bad_images = bool(data_config.get('skip_bad_images', False))
     self.prefetch = int(data_config.get('prefetch_batches', 2))
+    self.crop_min_visible = float(data_config.get('crop_min_visible', 0.0))
     self._pool = concurrent.futures.ThreadPoolExecutor(
         max_workers=max(1, int(data_config.num_workers)), thread_name_prefix='retina_jax-decode')
     counts = source.object_counts
@@ -391,7 +438,8 @@ class _Batcher:
                       'will be dropped (crowd regions first).', int(over.sum()), self.max_boxes,
                       int(counts.max()), int((counts[over] - self.max_boxes).sum()))
 
-  def _write_row(self, batch: dict[str, np.ndarray], r: int, index: int, flip: bool):
+  def _write_row(self, batch: dict[str, np.ndarray], r: int, index: int, flip: bool,
+                 draw: augment.Draw | None):
     try:
       example = self.source[index]
     except BadImageError as e:
@@ -408,18 +456,18 @@ class _Batcher:
     row = preprocess(example, min_size=self.min_size, max_size=self.max_size,
                      image_size=self.image_size, max_boxes=self.max_boxes, flip=flip,
                      image_out=batch['image'][r], canvas=batch['image'].shape[1:3],
-                     resize=self.resize)
+                     resize=self.resize, draw=draw, crop_min_visible=self.crop_min_visible)
     for k, v in row.items():
       if k != 'image':
         batch[k][r] = v
 
-  def rows(self, rows: Sequence[tuple[int, bool] | None],
+  def rows(self, rows: Sequence[tuple[int, bool, augment.Draw | None] | None],
            canvas: tuple[int, int] | None = None) -> dict[str, np.ndarray]:
-    """rows: (source index, flip) per batch row, None for padding -> the batch, every image
-    padded to `canvas` (S x S when None)."""
+    """rows: (source index, flip, augmentation draw) per batch row, None for padding -> the
+    batch, every image padded to `canvas` (S x S when None)."""
     canvas = (self.image_size, self.image_size) if canvas is None else tuple(canvas)
     batch = _blank_batch(len(rows), canvas, self.max_boxes, self.image_dtype)
-    jobs = [self._pool.submit(self._write_row, batch, r, int(row[0]), bool(row[1]))
+    jobs = [self._pool.submit(self._write_row, batch, r, int(row[0]), bool(row[1]), row[2])
             for r, row in enumerate(rows) if row is not None]
     for job in jobs:
       job.result()  # Re-raises a worker's exception.
@@ -461,6 +509,9 @@ class TrainLoader:
     self.source = source
     self.seed = int(seed)
     self.random_flip = bool(data_config.random_flip)
+    augment.validate(data_config)
+    self._data_config = data_config if augment.enabled(data_config) else None
+    self._cropped_out = 0  # Objects and crowd regions dropped by crops so far (for the log).
     self.global_batch_size = int(global_batch_size)
     self._first_row, self.local_batch_size = _host_slice(
         self.global_batch_size, process_index, process_count)
@@ -471,9 +522,14 @@ class TrainLoader:
                    '%s does not list: training in the square bucket.', buckets,
                    type(source).__name__)
       buckets = 'square'
-    canvases = ([canvas_for(data_config, int(h), int(w), buckets) for h, w in hw]
+    largest = augment.largest_min_size(data_config)
+    canvases = ([canvas_for(data_config, int(h), int(w), buckets, largest) for h, w in hw]
                 if buckets != 'square' else [(self._batcher.image_size,) * 2])
     self.canvases = list(dict.fromkeys(canvases))
+    if data_config.get('random_rot90', False) and any(h != w for h, w in self.canvases):
+      raise ValueError(f'config.data.random_rot90 turns landscape images into portrait ones, '
+                       f'which the training canvases {self.canvases} cannot hold: set '
+                       "config.data.train_buckets='square'.")
     if len(self.canvases) > 1:
       self._groups = np.asarray([self.canvases.index(c) for c in canvases], np.int8)
       self._groups_key = self._groups.tobytes()  # Cache key of `_epoch_groups`.
@@ -516,9 +572,9 @@ class TrainLoader:
     group = int(self._groups[_epoch_permutation(self.seed, epoch, n)[r]])
     return group, (int(group_counts(lo)[group]) // gb - 1) * gb
 
-  def _rows(self, step: int) -> tuple[np.ndarray, np.ndarray, tuple[int, int]]:
-    """-> (source indices int64 [B], flips bool [B], canvas) of this host's rows of global
-    batch `step`, from one walk of the stream."""
+  def _rows(self, step: int) -> tuple[np.ndarray, np.ndarray, list, tuple[int, int]]:
+    """-> (source indices int64 [B], flips bool [B], augmentation draws [B] (None when off),
+    canvas) of this host's rows of global batch `step`, from one walk of the stream."""
     n = len(self.source)
     if len(self.canvases) == 1:
       canvas = self.canvases[0]
@@ -541,7 +597,9 @@ class TrainLoader:
                           for p in positions])
     else:
       flips = np.zeros(len(positions), bool)
-    return indices, flips, canvas
+    draws = [None if self._data_config is None else
+             augment.draw(self._data_config, self.seed, int(p)) for p in positions]
+    return indices, flips, draws, canvas
 
   def example_indices(self, step: int) -> tuple[np.ndarray, np.ndarray]:
     """-> (source indices int64 [B], flips bool [B]) of this host's rows of global batch `step`."""
@@ -554,8 +612,16 @@ class TrainLoader:
     return self.canvases[self._stream_position(step)[0]]
 
   def batch(self, step: int) -> dict[str, np.ndarray]:
-    indices, flips, canvas = self._rows(step)
-    return self._batcher.rows(list(zip(indices, flips)), canvas)
+    indices, flips, draws, canvas = self._rows(step)
+    batch = self._batcher.rows(list(zip(indices, flips, draws)), canvas)
+    dropped = int(batch['cropped_out'].sum())
+    if dropped:
+      self._cropped_out += dropped
+      logging.log_every_n_seconds(
+          logging.INFO, 'Up to step %d, crops have dropped %d objects and crowd regions on this '
+          'host (less than crop_min_visible=%g of their area inside).', 300, step,
+          self._cropped_out, self._batcher.crop_min_visible)
+    return batch
 
   def iterate(self, start_step: int = 0) -> Iterator[dict[str, np.ndarray]]:
     return _prefetch(self.batch, itertools.count(start_step), self._batcher.prefetch)
@@ -614,8 +680,8 @@ def eval_batches(source: Source, data_config, global_batch_size: int, *,
   def make(b: int) -> dict[str, np.ndarray]:
     canvas, members = plan[b]
     rows = first_row + np.arange(local)
-    return batcher.rows([(int(members[r]), False) if r < len(members) else None for r in rows],
-                        canvas)
+    return batcher.rows([(int(members[r]), False, None) if r < len(members) else None
+                         for r in rows], canvas)
 
   return _prefetch(make, iter(range(len(plan))), batcher.prefetch)
 
