@@ -24,9 +24,15 @@ def saving(workdir: str) -> bool:
   return any('orbax-checkpoint-tmp' in d for d in os.listdir(os.path.join(workdir, 'checkpoints')))
 
 
+# Every augmentation that draws per example, so that resuming must reproduce its draws too.
+AUGMENTED = {'data.train_min_sizes': (96, 128), 'data.scale_jitter': (0.3, 2.0),
+             'data.random_vflip': True, 'data.random_rot90': True, 'data.brightness': 0.3,
+             'data.contrast': 0.3, 'data.saturation': 0.3, 'data.hue': 0.05}
+
+
 @pytest.mark.slow
 def test_killed_run_resumes_bitwise_and_restores_on_other_device_counts(shapes_root, tmp_path):
-  overrides = {**TINY, 'data.root': shapes_root, 'num_train_steps': 8}
+  overrides = {**TINY, **AUGMENTED, 'data.root': shapes_root, 'num_train_steps': 8}
   full, killed = str(tmp_path / 'full'), str(tmp_path / 'killed')
   subprocess.run(command_line(overrides, full), env=env_with_devices(4), check=True, cwd=ROOT,
                  capture_output=True)
