@@ -1,9 +1,11 @@
 """Host input pipeline throughput (images/s): demo size on shapes, and 800 px on COCO-sized JPEGs.
 
-  python benchmarks/input_pipeline.py [--workers 2] [--batches 20]
+  python benchmarks/input_pipeline.py [--workers 2] [--batches 20] [--augment]
 
 Prints one JSON object. The 800 px case writes 64 random-texture 640x480 JPEGs (COCO's typical
-size) in COCO layout to a temporary directory, so it needs no download.
+size) in COCO layout to a temporary directory, so it needs no download. --augment turns on every
+training augmentation (large-scale jitter 0.1-2.0 with crops, photometric distortion, vertical
+flips; quarter turns where the canvas is square), to compare with the flip-only default.
 """
 
 import argparse
@@ -39,6 +41,10 @@ def _coco_like(root: str, n: int = 64) -> str:
   return root
 
 
+AUGMENTED = {'scale_jitter': (0.1, 2.0), 'random_vflip': True, 'brightness': 0.3,
+             'contrast': 0.3, 'saturation': 0.3, 'hue': 0.05}
+
+
 def _measure(cfg, batch_size: int, batches: int) -> float:
   loader = pipeline.TrainLoader(pipeline.create_source(cfg, 'train'), cfg, batch_size, seed=0,
                                 process_index=0, process_count=1)
@@ -56,13 +62,16 @@ def main():
   parser = argparse.ArgumentParser()
   parser.add_argument('--workers', type=int, default=2)
   parser.add_argument('--batches', type=int, default=20)
+  parser.add_argument('--augment', action='store_true')
   args = parser.parse_args()
   results = {'cpu_count': os.cpu_count(), 'machine': platform.processor() or platform.machine(),
-             'num_workers': args.workers}
+             'num_workers': args.workers, 'augment': args.augment}
+  augment = AUGMENTED if args.augment else {}
   with tempfile.TemporaryDirectory() as tmp:
     cfg = config_lib.get_base_config().data
     cfg.name, cfg.root, cfg.num_workers = 'shapes', os.path.join(tmp, 'shapes'), args.workers
     cfg.min_size, cfg.max_size, cfg.image_size = 128, 192, 128
+    cfg.update(augment, random_rot90=args.augment)
     start = time.perf_counter()
     pipeline.create_source(cfg, 'train')
     results['shapes_generation_s'] = round(time.perf_counter() - start, 2)
@@ -74,6 +83,7 @@ def main():
     cfg.name, cfg.root, cfg.num_workers = 'coco_format', _coco_like(os.path.join(tmp, 'c')), \
         args.workers
     cfg.image_size = 1408  # The default bucket for 1333 px (a multiple of 128).
+    cfg.update(augment)
     results['coco_800px_bucket1408_images_per_s'] = round(
         _measure(cfg, 8, max(4, args.batches // 4)), 1)
   print(json.dumps(results))
