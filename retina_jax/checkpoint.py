@@ -1,7 +1,9 @@
 """Orbax checkpoints of the whole train state, and restoring parameters for evaluation.
 
 Layout: `<workdir>/checkpoints/<step>/` holds one pytree {step, params, batch_stats, opt_state,
-first_bad_step}. The data position is a pure function of (seed, step) (see
+first_bad_step}; with config.keep_best_by, `<workdir>/checkpoint_best/<step>/` holds the model
+variables {params, batch_stats} of the evaluation with the highest value of that metric (as
+detectron2's BestCheckpointer), whatever the newest checkpoints are. The data position is a pure function of (seed, step) (see
 `retina_jax.data.pipeline`), so the step restores it too: a resumed run sees exactly the
 examples an uninterrupted one would. Restoring takes the target shardings from the current
 mesh, so a checkpoint written on N devices restores on any other number.
@@ -33,6 +35,41 @@ def make_manager(workdir: str, keep: int, async_save: bool = True) -> ocp.Checkp
 
 class CheckpointWriteError(OSError):
   pass
+
+
+BEST = 'best'  # --checkpoint=best in evaluate and export.
+
+
+def parse_checkpoint_flag(value: str) -> int | str | None:
+  """--checkpoint's value (`cli.CHECKPOINT_HELP`) -> the `step` argument of `restore_variables`."""
+  if value in ('', 'latest'):
+    return None
+  if value == BEST or value.isdigit():
+    return value if value == BEST else int(value)
+  raise ValueError(f"--checkpoint={value!r}: give 'latest', 'best' or a step number.")
+
+
+def best_dir(workdir: str) -> epath.Path:
+  return checkpoint_dir(workdir).parent / 'checkpoint_best'
+
+
+def make_best_manager(workdir: str, metric: str) -> ocp.CheckpointManager:
+  """The one checkpoint with the highest `metric`; its value is stored with it, so a resumed
+  run still compares against the best of the runs before."""
+  options = ocp.CheckpointManagerOptions(
+      max_to_keep=1, best_fn=lambda m: m[metric], best_mode='max', create=True,
+      enable_async_checkpointing=False, cleanup_tmp_directories=True)
+  return ocp.CheckpointManager(best_dir(workdir), options=options)
+
+
+def save_if_best(manager: ocp.CheckpointManager, metric: str, value: float, state: Any) -> bool:
+  """Saves state's model variables when `value` beats the kept best (ties keep the earlier)."""
+  best = manager.best_step()
+  if best is not None and not value > manager.metrics(best)[metric]:
+    return False
+  variables = {'params': state.params, 'batch_stats': state.batch_stats}
+  return manager.save(int(jax.device_get(state.step)), args=ocp.args.StandardSave(variables),
+                      metrics={metric: float(value)}, force=True)
 
 
 def save(manager: ocp.CheckpointManager, state: Any, force: bool = False) -> bool:
@@ -168,15 +205,18 @@ def _set_aside(manager: ocp.CheckpointManager, damaged: list[tuple[int, str]], r
   manager.reload()
 
 
-def restore_variables(workdir: str, step: int | None = None) -> tuple[dict[str, Any], int]:
-  """Model variables {'params', 'batch_stats'} of the newest readable (or the given) checkpoint,
-  on host; skipping a damaged newest one says so in one warning line.
+def restore_variables(workdir: str, step: int | str | None = None
+                      ) -> tuple[dict[str, Any], int]:
+  """Model variables {'params', 'batch_stats'} of the newest readable checkpoint, on host;
+  skipping a damaged newest one says so in one warning line. `step` picks another: a step
+  number, or 'best' for the one kept by config.keep_best_by.
 
   Reads only the parameter subtrees, never the optimiser state, and needs no train state or
   mesh, so evaluation and export run on any device count.
   """
-  directory = checkpoint_dir(workdir)
-  if step is None:
+  best = step == BEST
+  directory = best_dir(workdir) if best else checkpoint_dir(workdir)
+  if best or step is None:
     manager = ocp.CheckpointManager(
         directory, options=ocp.CheckpointManagerOptions(read_only=True, create=False))
     steps = sorted(manager.all_steps(), reverse=True)
@@ -184,6 +224,9 @@ def restore_variables(workdir: str, step: int | None = None) -> tuple[dict[str, 
     steps = [step]
   if not steps:
     raise FileNotFoundError(
+        f'No best checkpoint in {directory}: only training with config.keep_best_by set (e.g. '
+        "'AP') and evaluations during training (config.eval_every_steps) keeps one."
+        if best else
         f'No checkpoint in {directory}: train first (python -m retina_jax.main --workdir '
         f'{workdir} ...) or pass exported parameters with --params.')
   damaged = []

@@ -11,6 +11,10 @@ from ml_collections import config_flags
 
 from retina_jax import saved_config
 
+# --checkpoint of evaluate and export (`checkpoint.parse_checkpoint_flag`).
+CHECKPOINT_HELP = ("Which checkpoint of --workdir: 'latest' (the newest), 'best' (the one "
+                   'config.keep_best_by kept) or a step number.')
+
 
 def _message(error: BaseException) -> str:
   """The innermost message: ml_collections raises AttributeError(KeyError(message))."""

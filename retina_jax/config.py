@@ -33,6 +33,9 @@ def get_base_config() -> ml_collections.ConfigDict:
   # Periods in steps; 0 means only at the end of training.
   config.checkpoint_every_steps = 5_000
   config.keep_checkpoints = 3
+  # Also keep the checkpoint of the best evaluation by this COCO metric ('AP', 'AP50', ...), as
+  # detectron2's BestCheckpointer; evaluate / export --checkpoint=best read it. '': off.
+  config.keep_best_by = ''
   config.eval_every_steps = 10_000
   config.log_every_steps = 50
   config.eval_batch_size = 8  # Global.

@@ -1,12 +1,14 @@
 """COCO evaluation of a checkpoint or of exported parameters.
 
-  python -m retina_jax.evaluate --workdir DIR [--config ...] [--config.x=y ...] [--split S]
+  python -m retina_jax.evaluate --workdir DIR [--checkpoint latest|best|STEP] [--config ...]
+      [--config.x=y ...] [--split S]
   python -m retina_jax.evaluate --params EXPORTED [--workdir DIR] [--config ...]
 
-With --workdir alone the newest checkpoint of DIR is evaluated, and DIR/config.json is the
-config when --config is not given. With --params the exported directory's parameters (and its
-config.json, when neither --config nor DIR/config.json is given) are used. Writes, on the first
-host, into DIR (or EXPORTED when no --workdir):
+With --workdir alone the newest checkpoint of DIR is evaluated (--checkpoint=best: the one
+config.keep_best_by kept), and DIR/config.json is the config when --config is not given. With
+--params the exported directory's parameters (and its config.json, when neither --config nor
+DIR/config.json is given) are used. Writes, on the first host, into DIR (or EXPORTED when no
+--workdir):
   detections_<split>.json  COCO results: image_id, category_id (the data set's), bbox xywh in
                            original-image pixels, score;
   metrics_<split>.json     the 12 COCO numbers by name and per_class_AP by category name;
@@ -35,6 +37,7 @@ def _define_flags():
       'params': cli.define_params_flag(),
       'split': flags.DEFINE_string('split', '', 'Split to evaluate; default '
                                    'config.data.eval_split.'),
+      'checkpoint': flags.DEFINE_string('checkpoint', 'latest', cli.CHECKPOINT_HELP),
   }
 
 
@@ -49,7 +52,8 @@ def main(fl, argv):
     what = params
   else:
     from retina_jax import checkpoint  # pylint: disable=g-import-not-at-top
-    variables, step = checkpoint.restore_variables(workdir)
+    variables, step = checkpoint.restore_variables(
+        workdir, checkpoint.parse_checkpoint_flag(fl['checkpoint'].value))
     what = f'{workdir} step {step}'
   params_dir = saved_config.export_dir(params)
   out_dir = workdir or params_dir

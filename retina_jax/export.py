@@ -1,7 +1,8 @@
 """Export trained parameters for evaluation and serving elsewhere.
 
-  python -m retina_jax.export --workdir DIR --out PATH [--format jax|torchvision|saved_model]
-      [--platforms cpu,cuda,tpu] [--config ...] [--config.x=y ...]
+  python -m retina_jax.export --workdir DIR --out PATH [--checkpoint latest|best|STEP]
+      [--format jax|torchvision|saved_model] [--platforms cpu,cuda,tpu] [--config ...]
+      [--config.x=y ...]
 
 PATH is a directory (chosen over a single file so that each part is readable with standard
 tools and the parameters load without the rest). --format jax (the default) writes:
@@ -203,6 +204,7 @@ def _define_flags():
                                   'StableHLO detector; torchvision: a state dict for '
                                   'torchvision\'s RetinaNet; saved_model: TF Serving '
                                   '(retina_jax/saved_model.py).'),
+      'checkpoint': flags.DEFINE_string('checkpoint', 'latest', cli.CHECKPOINT_HELP),
       'batch_size': flags.DEFINE_integer('batch_size', 0, 'Batch size of the serialized '
                                          'detector; 0: any (symbolic).'),
       'platforms': flags.DEFINE_list('platforms', list(DEFAULT_PLATFORMS),
@@ -216,7 +218,8 @@ def main(fl, argv):
     raise app.UsageError('--workdir and --out are required.')
   from retina_jax import checkpoint  # pylint: disable=g-import-not-at-top
   config = fl['config'].value
-  variables, step = checkpoint.restore_variables(fl['workdir'].value)
+  variables, step = checkpoint.restore_variables(
+      fl['workdir'].value, checkpoint.parse_checkpoint_flag(fl['checkpoint'].value))
   categories = saved_config.resolve_categories(config, fl['workdir'].value)
   try:
     if fl['format'].value == 'torchvision':

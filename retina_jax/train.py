@@ -380,6 +380,9 @@ def validate_config(config: ml_collections.ConfigDict):
   if len(config.anchors.sizes) != config.model.max_level - config.model.min_level + 1:
     raise ValueError('config.anchors.sizes needs one base size per level '
                      f'P{config.model.min_level}..P{config.model.max_level}')
+  if config.keep_best_by and config.keep_best_by not in coco_eval.METRIC_NAMES:
+    raise ValueError(f'config.keep_best_by={config.keep_best_by!r} is not a COCO metric; one of '
+                     f"{coco_eval.METRIC_NAMES}, or '' for none.")
 
 
 class WorkdirError(OSError):
@@ -430,6 +433,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
 
   model = models.create_model(config)
   manager = ckpt.make_manager(workdir, config.keep_checkpoints)
+  best_manager = (ckpt.make_best_manager(workdir, config.keep_best_by) if config.keep_best_by
+                  else None)
   # Resuming needs only the checkpoint (as detectron2's resume_or_load): the init_from file may
   # be gone, or its relative path be meant for another working directory, by then.
   state, tx = create_train_state(config, model, mesh,
@@ -479,6 +484,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
           'unreadable image can be left out with config.data.skip_bad_images=True).') from e
     logger.write(step, {k: v for k, v in eval_metrics.items() if isinstance(v, (int, float))},
                  prefix='eval')
+    if best_manager is not None and ckpt.save_if_best(
+        best_manager, config.keep_best_by, eval_metrics[config.keep_best_by], state):
+      logging.info('Best %s so far (%.4f) at step %d: kept in %s', config.keep_best_by,
+                   eval_metrics[config.keep_best_by], step, ckpt.best_dir(workdir))
     if jax.process_index() == 0:
       print(f'Evaluation of {config.data.eval_split!r} at step {step} (written to {workdir}):\n'
             f'{coco_eval.format_table(eval_metrics)}', flush=True)

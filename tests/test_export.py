@@ -6,11 +6,13 @@ import os
 import subprocess
 import sys
 import textwrap
+import types
 
 import jax
 import numpy as np
 import pytest
 
+from retina_jax import checkpoint
 from retina_jax import export as export_lib
 from retina_jax import inference
 from retina_jax import saved_config
@@ -181,6 +183,17 @@ def test_export_cli_from_checkpoint_then_evaluate_exported(tmp_path):
                         capture_output=True, text=True, timeout=300)
   assert proc.returncode != 0 and "config.model.backbone='tiny'" in proc.stderr, proc.stderr
   assert 'Traceback' not in proc.stderr and not (tmp_path / 'tv').exists()
+  # --checkpoint=best exports the one config.keep_best_by kept, not the newest.
+  halved = jax.tree.map(lambda x: x / 2, variables)
+  assert checkpoint.save_if_best(checkpoint.make_best_manager(str(workdir), 'AP'), 'AP', 0.5,
+                                 types.SimpleNamespace(step=2, **halved))
+  proc = subprocess.run([sys.executable, '-m', 'retina_jax.export', f'--workdir={workdir}',
+                         f'--out={tmp_path / "best"}', '--checkpoint=best', '--platforms=cpu'],
+                        env=env, capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert 'Exported step 2' in proc.stdout
+  for k, v in _flatten(saved_config.load_params(str(tmp_path / 'best'))):
+    np.testing.assert_array_equal(v, dict(_flatten(halved))[k], err_msg=k)
 
   # The export is all evaluation needs: no --config, no workdir.
   proc = subprocess.run([sys.executable, '-m', 'retina_jax.evaluate', f'--params={out}'],

@@ -167,6 +167,23 @@ def test_lowering_num_train_steps_evaluates_the_checkpoint_under_its_own_step(sh
   assert evals == [2, 2]  # Not 1: the parameters evaluated are those of step 2.
 
 
+def test_keep_best_by_keeps_the_checkpoint_of_the_best_evaluation(shapes_root, tmp_path):
+  workdir = str(tmp_path)
+  with pytest.raises(ValueError, match='keep_best_by'):
+    train.train_and_evaluate(tiny_config(shapes_root, keep_best_by='mAP'), workdir)
+  train.train_and_evaluate(tiny_config(shapes_root, num_train_steps=2, eval_every_steps=1,
+                                       keep_best_by='AP50'), workdir)
+  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+    evals = {r['step']: r['eval/AP50'] for r in map(json.loads, f) if 'eval/AP50' in r}
+  assert sorted(evals) == [1, 2]
+  variables, step = ckpt.restore_variables(workdir, ckpt.BEST)
+  assert step == min(s for s, v in evals.items() if v == max(evals.values()))  # Ties: earlier.
+  newest, _ = ckpt.restore_variables(workdir)
+  if step != 2:
+    assert not all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(variables),
+                                                         jax.tree.leaves(newest)))
+
+
 def test_period_zero_means_only_at_the_end(shapes_root, tmp_path):
   workdir = str(tmp_path)
   train.train_and_evaluate(tiny_config(shapes_root, num_train_steps=3, log_every_steps=0,
