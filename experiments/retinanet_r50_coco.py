@@ -4,7 +4,11 @@
       --workdir gs://bucket/r50_800_1x
 
 Argument keys: res (shorter side: 400, 500, 600, 700, 800 for the scale rows of Table 1e),
-sched (1x | 3x), batch (global batch; steps and LR rescale), backbone.
+sched (1x | 1.5x | 3x), batch (global batch; steps and LR rescale), backbone, aug (flip: the
+flip alone, as Table 1; paper: the shorter side jittered over 640-800 px as Table 2's final
+models, sampled as detectron2's 3x configs do; lsj: large-scale jitter 0.1-2.0 with crops; see
+`config.set_augmentation`). Table 2's recipe (shown there for R101, 39.1 AP):
+`res=800,sched=1.5x,aug=paper`.
 Starts from converted ImageNet weights when `--config.init_from` names a file written by
 `scripts/convert_torchvision.py` (frozen BN, stem and res2 frozen, as in the paper).
 """
@@ -13,11 +17,12 @@ from retina_jax import config as config_lib
 
 
 def get_config(arg=None):
-  arg = config_lib.parse_arg(arg, res=800, sched='1x', batch=16, backbone='resnet50')
+  arg = config_lib.parse_arg(arg, res=800, sched='1x', batch=16, backbone='resnet50', aug='flip')
   config = config_lib.get_base_config()
   config.model.backbone = arg.backbone
   config_lib.set_schedule(config, arg.sched, arg.batch)
   config_lib.set_scale(config, arg.res)
+  config_lib.set_augmentation(config, arg.aug, arg.res)
   config.data.name = 'coco/2017'
   # Landscape / portrait batches (as detectron2's aspect-ratio grouping) where the image sizes
   # are known up front: --config.data.name=coco_format; tfds trains in the square bucket.

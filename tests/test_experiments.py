@@ -214,3 +214,46 @@ def test_launch_pod_setup_copies_the_checkout_without_ignored_files(tmp_path):
   assert 'tar -xzf retina_jax-setup.tar.gz -C ~/retina_jax' in log
   assert '-r requirements.txt -r requirements-tpu.txt' in log  # The TPU runtime of our jax.
   assert not list(tmp_path.glob('retina_jax-setup-*.tar.gz'))  # The local archive is removed.
+
+
+def test_coco_experiments_take_the_papers_scale_jitter_and_lsj():
+  for name in ('retinanet_r50_coco.py', 'retinanet_r101_coco.py'):
+    module = _load(os.path.join(ROOT, 'experiments', name))
+    plain = module.get_config(None)
+    assert plain.data.train_min_sizes == () and plain.data.scale_jitter == (1.0, 1.0)
+    paper = module.get_config('res=800,sched=1.5x,aug=paper')
+    assert paper.data.train_min_sizes == (640, 672, 704, 736, 768, 800)  # detectron2's 3x.
+    assert paper.data.train_min_size_sampling == 'choice' and paper.num_train_steps == 135_000
+    assert (paper.data.min_size, paper.data.max_size) == (800, 1333)  # Evaluation as before.
+    assert module.get_config('aug=lsj').data.scale_jitter == (0.1, 2.0)
+    with pytest.raises(ValueError, match='augmentation'):
+      module.get_config('aug=mosaic')
+
+
+def _custom_folder(root, categories, splits=('train', 'val')):
+  os.makedirs(os.path.join(root, 'annotations'))
+  for split in splits:
+    with open(os.path.join(root, 'annotations', f'instances_{split}.json'), 'w') as f:
+      json.dump({'images': [], 'annotations': [],
+                 'categories': [{'id': i, 'name': f'c{i}'} for i in categories]}, f)
+  return str(root)
+
+
+def test_custom_data_takes_classes_and_splits_from_the_folder(tmp_path):
+  module = _load(os.path.join(ROOT, 'experiments', 'custom_data.py'))
+  root = _custom_folder(tmp_path / 'a', (4, 9, 17))
+  c = module.get_config(f'root={root},size=400,steps=500,batch=4,backbone=tiny')
+  assert c.model.num_classes == 3 and c.data.eval_split == 'val' and c.data.root == root
+  assert (c.data.min_size, c.data.max_size, c.data.image_size) == (416, 416, 416)
+  assert c.eval_every_steps == 50 and c.keep_best_by == 'AP' and c.num_train_steps == 500
+  assert c.model.norm == 'gn' and c.optim.name == 'adamw' and not c.init_from
+  pretrained = module.get_config(f'root={root},init=/w/r50.msgpack,backbone=resnet50')
+  assert pretrained.init_from == '/w/r50.msgpack' and pretrained.model.norm == 'frozen_bn'
+  assert pretrained.model.freeze_at == 2 and pretrained.optim.name == 'sgd'
+  other = _custom_folder(tmp_path / 'b', (1,), splits=('train', 'validation'))
+  assert module.get_config(f'root={other}').data.eval_split == 'validation'
+  lonely = _custom_folder(tmp_path / 'c', (1,), splits=('train',))
+  with pytest.raises(FileNotFoundError, match='val=NAME'):
+    module.get_config(f'root={lonely}')
+  with pytest.raises(FileNotFoundError, match='annotations'):
+    module.get_config(f'root={tmp_path / "missing"}')

@@ -289,6 +289,13 @@ def _missing_files(image_dir: str, file_names: list[str]) -> list[int]:
           if not (name in listed if '/' not in name else (folder / name).is_file())]
 
 
+def read_categories(root: str, split: str) -> CategoryMap:
+  """The categories of `<root>/annotations/instances_<split>.json` (checked as the source does),
+  without reading the images: experiment files take the number of classes from it."""
+  path = os.path.join(root, 'annotations', f'instances_{split}.json')
+  return CategoryMap.from_coco_categories(_checked_categories(_load_json(path), path))
+
+
 def _checked_categories(data: dict, path: str) -> list[dict]:
   for k, c in enumerate(data['categories']):
     if not isinstance(c, dict) or not isinstance(c.get('id'), int) or isinstance(c['id'], bool):
