@@ -3,10 +3,11 @@
 Layout: `<workdir>/checkpoints/<step>/` holds one pytree {step, params, batch_stats, opt_state,
 first_bad_step}; with config.keep_best_by, `<workdir>/checkpoint_best/<step>/` holds the model
 variables {params, batch_stats} of the evaluation with the highest value of that metric (as
-detectron2's BestCheckpointer), whatever the newest checkpoints are. The data position is a pure function of (seed, step) (see
-`retina_jax.data.pipeline`), so the step restores it too: a resumed run sees exactly the
-examples an uninterrupted one would. Restoring takes the target shardings from the current
-mesh, so a checkpoint written on N devices restores on any other number.
+detectron2's BestCheckpointer), whatever the newest checkpoints are. The data position is a
+pure function of (seed, step) (see `retina_jax.data.pipeline`), so the step restores it too: a
+resumed run sees exactly the examples an uninterrupted one would. Restoring takes the target
+shardings from the current mesh, so a checkpoint written on N devices restores on any other
+number.
 """
 
 import logging
@@ -44,8 +45,10 @@ def parse_checkpoint_flag(value: str) -> int | str | None:
   """--checkpoint's value (`cli.CHECKPOINT_HELP`) -> the `step` argument of `restore_variables`."""
   if value in ('', 'latest'):
     return None
-  if value == BEST or value.isdigit():
-    return value if value == BEST else int(value)
+  if value == BEST:
+    return BEST
+  if value.isdigit():
+    return int(value)
   raise ValueError(f"--checkpoint={value!r}: give 'latest', 'best' or a step number.")
 
 
