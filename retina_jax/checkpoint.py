@@ -42,7 +42,7 @@ BEST = 'best'  # --checkpoint=best in evaluate and export.
 
 
 def parse_checkpoint_flag(value: str) -> int | str | None:
-  """--checkpoint's value (`cli.CHECKPOINT_HELP`) -> the `step` argument of `restore_variables`."""
+  """--checkpoint's value (`cli.define_checkpoint_flag`) -> `restore_variables`'s `step`."""
   if value in ('', 'latest'):
     return None
   if value == BEST:

@@ -11,10 +11,6 @@ from ml_collections import config_flags
 
 from retina_jax import saved_config
 
-# --checkpoint of evaluate and export (`checkpoint.parse_checkpoint_flag`).
-CHECKPOINT_HELP = ("Which checkpoint of --workdir: 'latest' (the newest), 'best' (the one "
-                   'config.keep_best_by kept) or a step number.')
-
 
 def _message(error: BaseException) -> str:
   """The innermost message: ml_collections raises AttributeError(KeyError(message))."""
@@ -58,6 +54,13 @@ def define_config_flag(default: str):
   when it is not given (`saved_config.config_dir`)."""
   return config_flags.DEFINE_config_file('config', None, f'Config file; default: {default}.',
                                          lock_config=True)
+
+
+def define_checkpoint_flag():
+  """--checkpoint of evaluate and export; `checkpoint.parse_checkpoint_flag` reads it."""
+  return flags.DEFINE_string('checkpoint', 'latest', "Which checkpoint of --workdir: 'latest' "
+                             "(the newest), 'best' (the one config.keep_best_by kept) or a step "
+                             'number.')
 
 
 def define_params_flag():

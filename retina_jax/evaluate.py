@@ -37,7 +37,7 @@ def _define_flags():
       'params': cli.define_params_flag(),
       'split': flags.DEFINE_string('split', '', 'Split to evaluate; default '
                                    'config.data.eval_split.'),
-      'checkpoint': flags.DEFINE_string('checkpoint', 'latest', cli.CHECKPOINT_HELP),
+      'checkpoint': cli.define_checkpoint_flag(),
   }
 
 

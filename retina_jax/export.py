@@ -204,7 +204,7 @@ def _define_flags():
                                   'StableHLO detector; torchvision: a state dict for '
                                   'torchvision\'s RetinaNet; saved_model: TF Serving '
                                   '(retina_jax/saved_model.py).'),
-      'checkpoint': flags.DEFINE_string('checkpoint', 'latest', cli.CHECKPOINT_HELP),
+      'checkpoint': cli.define_checkpoint_flag(),
       'batch_size': flags.DEFINE_integer('batch_size', 0, 'Batch size of the serialized '
                                          'detector; 0: any (symbolic).'),
       'platforms': flags.DEFINE_list('platforms', list(DEFAULT_PLATFORMS),
