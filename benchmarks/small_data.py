@@ -8,7 +8,7 @@ AdamW) on the first `num_train` shapes training images, the same steps and batch
 variant, one variant after another, then evaluates each on the 200 validation images and on its
 own training images. Appends one JSON line per variant to `<workdir_root>/results.jsonl` and
 prints the table (markdown) at the end. A variant whose workdir already has both metrics files
-is not re-run.
+is not re-run (and not appended again).
 """
 
 import argparse
@@ -70,7 +70,8 @@ def main():
                                            'num_demo_pictures': 0, **VARIANTS[name]}.items()]
     val, train = (os.path.join(workdir, f'metrics_{s}.json') for s in ('validation', 'train'))
     start = time.time()
-    if not (os.path.exists(val) and os.path.exists(train)):
+    ran = not (os.path.exists(val) and os.path.exists(train))
+    if ran:
       os.makedirs(workdir, exist_ok=True)
       log = os.path.join(workdir, 'log.txt')
       _run([sys.executable, '-m', 'retina_jax.main', '--config', config, '--workdir', workdir,
@@ -79,14 +80,15 @@ def main():
             '--split', 'train', *overrides], log)
     metrics = {s: json.load(open(p)) for s, p in (('validation', val), ('train', train))}
     row = {'variant': name, 'overrides': overrides, 'steps': args.steps, 'batch': args.batch,
-           'num_train': args.num_train, 'seconds': round(time.time() - start),
+           'num_train': args.num_train, 'seconds': round(time.time() - start) if ran else 0,
            'machine': f'{platform.machine()}, {os.cpu_count()} cores',
            'date': time.strftime('%Y-%m-%d', time.gmtime()),
            **{f'{s}_{k}': round(100 * metrics[s][k], 1) for s in metrics
               for k in ('AP', 'AP50')}}
     rows.append(row)
-    with open(os.path.join(args.workdir_root, 'results.jsonl'), 'a') as f:
-      f.write(json.dumps(row) + '\n')
+    if ran:  # Not found from an earlier invocation.
+      with open(os.path.join(args.workdir_root, 'results.jsonl'), 'a') as f:
+        f.write(json.dumps(row) + '\n')
     print(json.dumps(row), flush=True)
   print('| variant | val AP | val AP50 | train AP | train AP50 | gap (train - val AP) |')
   print('|---|---|---|---|---|---|')
