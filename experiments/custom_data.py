@@ -26,9 +26,8 @@ Augmentation (why these: benchmarks/RESULTS.md, "Small data"): horizontal flip, 
 (they suit overhead imagery: `--config.data.random_vflip=True --config.data.random_rot90=True`).
 """
 
-import os
-
 from retina_jax import config as config_lib
+from retina_jax import fileio
 from retina_jax.data import coco_format
 
 VAL_SPLITS = ('val', 'validation', 'valid', 'test')
@@ -37,10 +36,11 @@ VAL_SPLITS = ('val', 'validation', 'valid', 'test')
 def _eval_split(root: str, val: str) -> str:
   if val:
     return val
+  annotations = fileio.Path(root) / 'annotations'
   for split in VAL_SPLITS:
-    if os.path.exists(os.path.join(root, 'annotations', f'instances_{split}.json')):
+    if (annotations / f'instances_{split}.json').exists():
       return split
-  found = sorted(os.listdir(os.path.join(root, 'annotations')))
+  found = sorted(p.name for p in annotations.iterdir())
   raise FileNotFoundError(
       f'experiments/custom_data.py: no validation split in {root}/annotations (looked for '
       f'instances_<{"|".join(VAL_SPLITS)}>.json, found {found}); add one or name it with val=NAME.')
@@ -54,7 +54,7 @@ def get_config(arg=None):
   config.data.root = arg.root
   config.data.train_split = arg.train
   if arg.root:  # Without it the config is complete but training stops asking for the folder.
-    if not os.path.isdir(os.path.join(arg.root, 'annotations')):
+    if not (fileio.Path(arg.root) / 'annotations').is_dir():
       raise FileNotFoundError(f'experiments/custom_data.py:root={arg.root}: no annotations/ '
                               'folder there (COCO layout: annotations/instances_<split>.json '
                               'and <split>/ with the images).')

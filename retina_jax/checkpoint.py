@@ -52,7 +52,7 @@ def parse_checkpoint_flag(value: str) -> int | str | None:
   raise ValueError(f"--checkpoint={value!r}: give 'latest', 'best' or a step number.")
 
 
-def best_dir(workdir: str) -> epath.Path:
+def best_dir(workdir: str) -> fileio.Path:
   return checkpoint_dir(workdir).parent / 'checkpoint_best'
 
 

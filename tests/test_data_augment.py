@@ -85,7 +85,7 @@ def test_painted_boxes_land_where_the_transformed_boxes_say(name):
   row = _preprocess(ex, draw, flip, canvas)
   want, (ch, cw), scale = _oracle(ex['boxes'], 60, 80, draw, flip, canvas)
   np.testing.assert_array_equal(row['image_hw'], [ch, cw])
-  np.testing.assert_allclose(row['scale'], scale, rtol=1e-6)
+  np.testing.assert_allclose(row['scale'], [scale, scale], rtol=1e-6)  # (sy, sx).
   np.testing.assert_array_equal(row['orig_hw'], [60, 80])
   assert not row['image'][ch:].any() and not row['image'][:, cw:].any()
   kept = row['labels'][row['box_valid']]
@@ -133,7 +133,8 @@ def test_crops_keep_only_valid_boxes_and_count_what_they_drop():
     assert (b[:, 2] > b[:, 0]).all() and (b[:, 3] > b[:, 1]).all(), position
     assert row['box_valid'].sum() + row['cropped_out'] == 12
     # Each object kept has >= 30% of its scaled area inside; each dropped one has less.
-    scaled = augment.rot90(ex['image'], boxes, draw.rot90)[1] * row['scale']
+    sy, sx = row['scale']
+    scaled = augment.rot90(ex['image'], boxes, draw.rot90)[1] * [sx, sy, sx, sy]
     area = (scaled[:, 2] - scaled[:, 0]) * (scaled[:, 3] - scaled[:, 1])
     kept_labels = row['labels'][row['box_valid']]
     kept_area = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])

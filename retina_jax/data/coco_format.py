@@ -292,7 +292,7 @@ def _missing_files(image_dir: str, file_names: list[str]) -> list[int]:
 def read_categories(root: str, split: str) -> CategoryMap:
   """The categories of `<root>/annotations/instances_<split>.json` (checked as the source does),
   without reading the images: experiment files take the number of classes from it."""
-  path = os.path.join(root, 'annotations', f'instances_{split}.json')
+  path = str(fileio.Path(root) / 'annotations' / f'instances_{split}.json')
   return CategoryMap.from_coco_categories(_checked_categories(_load_json(path), path))
 
 
