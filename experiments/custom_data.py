@@ -21,9 +21,16 @@ Arguments:
             frozen batch norm, stem and res2 frozen, SGD as the paper. Without it, from
             scratch: GroupNorm, nothing frozen, AdamW (the demo's finding).
 
-Augmentation (why these: benchmarks/RESULTS.md, "Small data"): horizontal flip, scale jitter
-0.5-1.5 with random crops, and photometric distortion; vertical flips and quarter turns are off
-(they suit overhead imagery: `--config.data.random_vflip=True --config.data.random_rot90=True`).
+Augmentation (why these: benchmarks/RESULTS.md, "Small data"): the horizontal flip, scale
+jitter 0.5-1.5 with random crops and a photometric distortion of brightness, contrast and
+saturation. On 100 shapes images the flip alone reached AP 61.8 on its training images and 2.2
+on validation; scale jitter alone 6.5 (the largest single gain, as multi-scale's 6.4),
+photometric alone 3.5, everything together 6.7. Hue is left out: it costs the input pipeline
+most (an HSV round trip per image) and colour may be what tells a user's classes apart.
+Vertical flips and quarter turns suit overhead imagery only: add
+`--config.data.random_vflip=True --config.data.random_rot90=True` there. Augmented training
+needs more steps (training-set AP fell to 8-21 at the 600 steps of that table), hence 3000 by
+default, with the best checkpoint by validation AP kept so that a long run cannot lose it.
 """
 
 from retina_jax import config as config_lib
@@ -67,7 +74,6 @@ def get_config(arg=None):
   config.data.random_flip = True
   config.data.scale_jitter = (0.5, 1.5)
   config.data.brightness = config.data.contrast = config.data.saturation = 0.3
-  config.data.hue = 0.05
 
   config.model.backbone = arg.backbone
   if arg.backbone == 'tiny':  # The demo's model: small enough to train on a laptop CPU.

@@ -22,7 +22,7 @@ alone, `random_flip`):
       ColorJitter's meaning (factors from [1 - x, 1 + x]; hue shift from [-hue, hue] turns),
       applied in that fixed order to the final pixels (PIL's ImageEnhance, as torchvision's PIL
       backend; so only with config.data.resize='pil'). The hue costs most (an HSV round trip,
-      ~65 ms for an 800 x 1067 image on one core, against ~5 ms for the other three).
+      ~65 ms for an 800 x 1067 image on one core, the other three ~7 ms together).
 
 Resume: `draw` is a pure function of (seed, stream position), like the order and the flip (see
 `pipeline`): each example's draw comes from numpy's PCG64 seeded with (seed, 2, position), and
