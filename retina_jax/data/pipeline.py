@@ -294,9 +294,8 @@ def preprocess(example: dict, *, min_size: int, max_size: int, image_size: int, 
   nh, nw = int(nh), int(nw)  # Jittered sizes are floats.
   y0, x0, ch, cw = (augment.crop_window((nh, nw), canvas, draw.crop) if scale_jittered
                     else (0, 0, nh, nw))
-  if (ch, cw) == (nh, nw) or (nh, nw) == (rh, rw):
-    image = resize_image(image, (nh, nw), resize)[y0:y0 + ch, x0:x0 + cw]
-  elif resize == 'pil':  # Resizes only the window: the crop of the resized image, at its cost.
+  if resize == 'pil' and (ch, cw) != (nh, nw) and (nh, nw) != (rh, rw):
+    # Resizes only the window: the crop of the resized image, at the window's cost.
     image = np.asarray(Image.fromarray(image).resize(
         (cw, ch), Image.BILINEAR, box=(x0 * rw / nw, y0 * rh / nh, (x0 + cw) * rw / nw,
                                        (y0 + ch) * rh / nh)))
