@@ -65,12 +65,18 @@ def _pil_pass(tf, x, out_size, axis: int):
 
 def pil_resize(tf, image, out_h, out_w):
   """uint8 [H, W, 3] -> uint8 [out_h, out_w, 3], `PIL.Image.resize(..., Image.BILINEAR)` in TF
-  ops: Pillow's two passes (horizontal, then vertical, each rounded to uint8) in its fixed
-  point. Bit-exact to Pillow up to 12, and to Pillow 13 on upscales and landscape downscales;
-  Pillow 13 runs the vertical pass first on some portrait downscales (a rule not reproduced
-  here), where pixels then differ by at most one level."""
-  x = _pil_pass(tf, tf.cast(image, tf.float64), out_w, axis=1)
-  return tf.cast(_pil_pass(tf, x, out_h, axis=0), tf.uint8)
+  ops: Pillow's two passes, each rounded to uint8, in its fixed point and in its order. Pillow
+  13 (Resample.c, ImagingResampleInner) runs the vertical pass first when the height shrinks by
+  more than twice as many pixels as the width, else the horizontal one (as every Pillow before
+  it did); the order moves a quarter of the pixels by one level."""
+  x = tf.cast(image, tf.float64)
+  shrink_h = tf.shape(image)[0] - out_h
+  shrink_w = tf.shape(image)[1] - out_w
+  resized = tf.cond(
+      (shrink_h > 0) & (shrink_h > 2 * shrink_w),
+      lambda: _pil_pass(tf, _pil_pass(tf, x, out_h, axis=0), out_w, axis=1),
+      lambda: _pil_pass(tf, _pil_pass(tf, x, out_w, axis=1), out_h, axis=0))
+  return tf.cast(resized, tf.uint8)
 
 
 @contextlib.contextmanager
