@@ -111,10 +111,10 @@ def resize_geometry(h: int, w: int, min_size: int, max_size: int, image_size: in
     return resized_hw(h, w, scale, image_size), (np.float32(scale), np.float32(scale))
   if rule != 'torchvision':
     raise ValueError(f'config.data.resize must be one of {list(RESIZE_RULES)}, got {rule!r}.')
-  # Python floats as torchvision computes them (min(self_min_size / min_size, ...)), and
-  # F.interpolate's output size int(side * scale_factor) in double precision; the bucket term
-  # only binds when the bucket is smaller than max_size, where no rule can be torchvision's.
-  scale = min(min_size / min(h, w), max_size / max(h, w), image_size / max(h, w))
+  # The scale in Python floats, as torchvision computes it (min(self_min_size / min_size, ...)),
+  # and F.interpolate's output size int(side * scale_factor) in double precision; the bucket
+  # term only binds when the bucket is smaller than max_size, where no rule can be torchvision's.
+  scale = resize_scale(h, w, min_size, max_size, image_size)
   nh, nw = max(1, int(h * scale)), max(1, int(w * scale))
   return (nh, nw), (np.float32(nh) / np.float32(h), np.float32(nw) / np.float32(w))
 
