@@ -5,6 +5,9 @@ gradients, SGD update). torchvision's model with its own GeneralizedRCNNTransfor
 
 A ResNet-18 RetinaNet with 64-channel FPN and heads at min_size 128 / max_size 200 keeps every
 torchvision forward and our compiles small; the conventions checked are those of any size.
+Not covered: R50 at 800 / 1333 (only its conversion, in test_convert.py), and torchvision's
+batch padding in our input pipeline: the training test pads its batch to the batch's largest
+sides itself, since TrainLoader has no such canvas rule.
 """
 
 import json
