@@ -146,18 +146,19 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, model,
   and records the step in `first_bad_step`, so nothing bad is ever written to a checkpoint."""
   (loss, (parts, new_stats)), grads = loss_and_grads(state.params, state.batch_stats, batch,
                                                      model=model, config=config)
-  updates, new_opt_state = tx.update(grads, state.opt_state, state.params)
-  new_params = optax.apply_updates(state.params, updates)
-  grad_norm = optax.tree.norm(grads)
-  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-  keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
-  new_state = state.replace(
-      step=state.step + 1,
-      params=keep(new_params, state.params),
-      batch_stats=keep(new_stats, state.batch_stats),
-      opt_state=keep(new_opt_state, state.opt_state),
-      first_bad_step=jnp.where((state.first_bad_step < 0) & ~finite, state.step,
-                               state.first_bad_step))
+  with jax.named_scope('optimizer'):
+    updates, new_opt_state = tx.update(grads, state.opt_state, state.params)
+    new_params = optax.apply_updates(state.params, updates)
+    grad_norm = optax.tree.norm(grads)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+    new_state = state.replace(
+        step=state.step + 1,
+        params=keep(new_params, state.params),
+        batch_stats=keep(new_stats, state.batch_stats),
+        opt_state=keep(new_opt_state, state.opt_state),
+        first_bad_step=jnp.where((state.first_bad_step < 0) & ~finite, state.step,
+                                 state.first_bad_step))
   metrics = {'loss': loss, 'grad_norm': grad_norm,
              'learning_rate': learning_rate_schedule(config)(state.step), **parts}
   return new_state, metrics

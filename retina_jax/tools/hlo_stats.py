@@ -8,7 +8,9 @@ read here from the instructions of the entry computation:
 - its FLOPs are those of the convolutions and dots it contains, 2 per multiply-add: a
   convolution does (rhs elements / rhs output features) multiply-adds per output element, a dot
   the product of its contracting dimensions.
-Shapes are per device, as the SPMD-partitioned program runs them.
+Shapes are per device, as the SPMD-partitioned program runs them. `part` names the part of
+the train step a kernel belongs to, from the name scopes in its op_name (the model's modules,
+and the 'matching', 'loss' and 'optimizer' scopes of losses.py and train.py).
 """
 
 import collections
@@ -129,6 +131,42 @@ def kernels(hlo_text: str) -> list[Kernel]:
     moved = shape_bytes(inst.shape) + sum(shape_bytes(shapes.get(o, '')) for o in inst.operands)
     result.append(Kernel(inst.name, inst.opcode, inst.op_name, moved, instruction_flops(inst)))
   return result
+
+
+# A scope as it appears in op_name, wrapped in the transformations that traced it.
+_WRAPPED = re.compile(r'^(?:[\w]+\()*([\w.-]+)\)*$')
+_MODEL_PARTS = {'backbone': 'backbone', 'fpn': 'fpn', 'cls_head': 'heads', 'box_head': 'heads'}
+
+
+def part(kernel: Kernel) -> str:
+  """The part of the train step `kernel` belongs to: 'backbone', 'fpn', 'heads' (each
+  ' forward' or ' backward'), 'matching', 'loss forward' / 'loss backward', 'optimizer',
+  'collectives', 'copies' (layout changes and prefetches XLA adds) or 'other'."""
+  if kernel.opcode.removesuffix('-start') in COLLECTIVES:
+    return 'collectives'
+  scopes = [m.group(1) for m in map(_WRAPPED.match, kernel.op_name.split('/')) if m]
+  direction = ' backward' if 'transpose(' in kernel.op_name else ' forward'
+  for i, scope in enumerate(scopes):
+    if scope == 'RetinaNet' and i + 1 < len(scopes):
+      return _MODEL_PARTS.get(scopes[i + 1], 'model') + direction
+    if scope in ('matching', 'optimizer'):
+      return scope
+    if scope == 'loss':
+      return 'loss' + direction
+  if kernel.opcode in ('copy', 'copy-start'):
+    return 'copies'
+  return 'other'
+
+
+def by_part(kernel_list: list[Kernel]) -> dict[str, dict[str, float]]:
+  """{part: {'bytes', 'flops', 'kernels'}}, largest bytes first."""
+  found = collections.defaultdict(lambda: {'bytes': 0, 'flops': 0.0, 'kernels': 0})
+  for k in kernel_list:
+    entry = found[part(k)]
+    entry['bytes'] += k.bytes
+    entry['flops'] += k.flops
+    entry['kernels'] += 1
+  return dict(sorted(found.items(), key=lambda kv: -kv[1]['bytes']))
 
 
 def collectives(hlo_text: str) -> dict[str, dict[str, int]]:

@@ -140,6 +140,7 @@ def _program(compiled, chip: Chip, images_per_chip: float, breakdown: int) -> di
                        sorted(kernels, key=key, reverse=True)[:breakdown]]
     result['top_by_bytes'] = top(lambda k: k.bytes)
     result['top_by_flops'] = top(lambda k: k.flops)
+    result['by_part'] = hlo_stats.by_part(kernels)
   return result
 
 
@@ -244,6 +245,12 @@ def format_report(r: dict) -> str:
         f"{p['flops_seconds'] * 1e3:.1f} ms, HBM {p['bytes_seconds'] * 1e3:.1f} ms: bound by "
         f"{p['bound_by']}), {p['images_per_second_per_chip']:.1f} images/s per chip",
         f"  collectives: {collectives}"]
+    if 'by_part' in p:
+      counted = sum(v['bytes'] for v in p['by_part'].values())
+      lines.append(f'  by part (kernels\' output + operands: {counted / 1e9:.3g} GB in all, where '
+                   f'XLA\'s cost analysis counts {p["bytes_accessed"] / 1e9:.3g} GB):')
+      lines += [f"    {v['bytes'] / 1e9:8.3f} GB {v['flops'] / 1e9:9.1f} GFLOP {v['kernels']:6d} "
+                f"kernels  {name}" for name, v in p['by_part'].items()]
     for key, unit in (('top_by_bytes', 'bytes'), ('top_by_flops', 'flops')):
       if key in p:
         lines.append(f'  top kernels by {unit} (output + operands; FLOPs of their convs/dots):')
@@ -263,7 +270,8 @@ def _define_flags():
                                       'v5p:4x4x4.'),
       'json': flags.DEFINE_bool('json', False, 'Print the report as one JSON object.'),
       'breakdown': flags.DEFINE_bool('breakdown', False, f'Also list the top {_TOP} kernels of '
-                                     'each program by bytes and by FLOPs.'),
+                                     'each program by bytes and by FLOPs, and bytes and FLOPs by '
+                                     'part (backbone, FPN, heads, matching, loss, optimizer).'),
       'mfu': flags.DEFINE_float('mfu', 0.4, 'Model FLOPs utilisation for the schedule estimate.'),
       'detector': flags.DEFINE_bool('detector', True, 'Also compile the evaluation detector.'),
   }
