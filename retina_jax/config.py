@@ -170,7 +170,10 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.optim.grad_clip_norm = 0.0  # 0: off.
 
   config.mesh = ml_collections.ConfigDict()
-  config.mesh.model_parallelism = 1  # Size of the 'model' axis; the rest is the 'data' axis.
+  # Size of the 'model' axis; the rest is the 'data' axis. N > 1: spatial partitioning, each
+  # image's feature-map rows split over N chips (images too large, or pods too wide, for one
+  # image per chip); config.batch_size then counts images over chips / N data shards.
+  config.mesh.model_parallelism = 1
 
   return config
 

@@ -1,9 +1,12 @@
 """The device mesh and how every array is laid out on it, in one place.
 
-Axes: 'data' (the batch is split over it) and 'model' (room for model parallelism; size
-`config.mesh.model_parallelism`, 1 by default). Parameters and optimiser state are replicated;
-batches are split on their leading dimension over 'data'. The mesh spans every device of every
-host, so the same code runs on one CPU, one GPU or a TPU pod.
+Axes: 'data' (the batch is split over it) and 'model' (size `config.mesh.model_parallelism`,
+1 by default): each image's rows are split over it (spatial partitioning, the technique of the
+TPU MLPerf detection submissions, for images too large or pods too wide for one image per
+chip; `spatial_sharding`, applied to every feature map by the model). Parameters and optimiser
+state are replicated; batches are split on their leading dimension over 'data' (each host
+feeds whole images; the model's first constraint slices their rows on device). The mesh spans
+every device of every host, so the same code runs on one CPU, one GPU or a TPU pod.
 """
 
 import jax
@@ -27,6 +30,14 @@ def make_mesh(config: ml_collections.ConfigDict, devices=None) -> Mesh:
 def batch_sharding(mesh: Mesh) -> NamedSharding:
   """Leading (batch) dimension split over 'data', everything else replicated."""
   return NamedSharding(mesh, P(DATA_AXIS))
+
+
+def spatial_sharding(mesh: Mesh) -> NamedSharding | None:
+  """Feature maps [B, H, W, C]: batch over 'data', rows over 'model'; None when the 'model'
+  axis has one device (no spatial partitioning)."""
+  if mesh.shape[MODEL_AXIS] == 1:
+    return None
+  return NamedSharding(mesh, P(DATA_AXIS, MODEL_AXIS))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

@@ -432,7 +432,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   config = ml_collections.ConfigDict(config.to_dict())
   config.categories = categories.to_json()
 
-  model = models.create_model(config)
+  model = models.create_model(config, mesh)
   manager = ckpt.make_manager(workdir, config.keep_checkpoints)
   best_manager = (ckpt.make_best_manager(workdir, config.keep_best_by) if config.keep_best_by
                   else None)

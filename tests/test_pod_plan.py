@@ -149,3 +149,20 @@ def test_without_a_tpu_chip_jax_starts_on_the_cpu_quietly():
                        env=env, capture_output=True, text=True, check=True)
   assert out.stdout.strip() == 'cpu'
   assert 'TPU' not in out.stderr, out.stderr
+
+
+def test_spatial_partitioning_splits_each_image_over_the_model_axis():
+  """config.mesh.model_parallelism = 2 on v5e:2x2: 2 data shards of 2 chips, one image per
+  data shard, each chip holding half of its rows: less activation memory per chip than one
+  whole image per chip, and a report that says so."""
+  config = _config()
+  config.data.image_size = config.data.min_size = config.data.max_size = 256
+  config.batch_size = config.eval_batch_size = 4
+  whole = pod_plan.plan(config, 'v5e:2x2', detector=False)
+  config.mesh.model_parallelism = 2
+  config.batch_size = 2
+  split = pod_plan.plan(config, 'v5e:2x2', detector=False)
+  assert split['mesh'] == {'data': 2, 'model': 2} and split['batch_per_chip'] == 0.5
+  assert (split['train_step']['memory']['temporaries']
+          < 0.75 * whole['train_step']['memory']['temporaries'])
+  assert 'rows split over 2 chips' in pod_plan.format_report(split)

@@ -14,6 +14,7 @@ import numpy as np
 
 from retina_jax import fileio
 from retina_jax import inference
+from retina_jax import models
 from retina_jax import saved_config
 from retina_jax import sharding as sharding_lib
 from retina_jax import visualize
@@ -29,7 +30,7 @@ def sharded_detect(config, mesh):
   if key not in _DETECT_CACHE:
     batch = sharding_lib.batch_sharding(mesh)
     _DETECT_CACHE[key] = jax.jit(
-        inference.make_detect_fn(config),
+        inference.make_detect_fn(config, models.create_model(config, mesh)),
         in_shardings=(sharding_lib.replicated(mesh), batch, batch), out_shardings=batch)
   return _DETECT_CACHE[key]
 

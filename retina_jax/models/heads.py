@@ -38,6 +38,7 @@ class Head(nn.Module):
   out_bias_init: Any = nn.initializers.zeros
   norm: str = 'none'  # none (paper, torchvision v1) | gn (torchvision v2, detectron2 'GN')
   dtype: Any = jnp.float32
+  rows: Any = None  # Spatial partitioning: layers.split_rows's sharding, or None.
 
   @nn.compact
   def __call__(self, levels):  # levels: list of [B, H_l, W_l, C]
@@ -55,8 +56,9 @@ class Head(nn.Module):
     outputs = []
     for x in levels:
       for conv, norm in zip(convs, norms):
-        x = conv(x)
+        x = conv(layers.split_rows(x, self.rows))
         x = nn.relu(norm(x) if norm is not None else x)
-      x = out(x)  # [B, H, W, A * per_anchor]
+      x = layers.split_rows(out(layers.split_rows(x, self.rows)), self.rows)
+      # x: [B, H, W, A * per_anchor]
       outputs.append(x.reshape(x.shape[0], -1, self.per_anchor))
     return jnp.concatenate(outputs, axis=1).astype(jnp.float32)

@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from retina_jax import sharding
 from retina_jax.models import fpn as fpn_lib
 from retina_jax.models import heads
 from retina_jax.models import resnet
@@ -29,33 +30,47 @@ class RetinaNet(nn.Module):
   anchor order of config.py (levels min..max, row-major (y, x), then the A anchors).
 
   `model_cfg` is `config.model`. Parameters are float32; activations use `model_cfg.dtype`.
+  `rows`: spatial partitioning (config.mesh.model_parallelism > 1): the NamedSharding that
+  splits every feature map's rows over the mesh's 'model' axis (layers.split_rows), as the TPU
+  MLPerf detection submissions do for images too large for one chip; None: no constraint.
   """
   model_cfg: Any
   num_anchors: int
+  rows: Any = None
 
   @nn.compact
   def __call__(self, images, train: bool = False):
     cfg = self.model_cfg
     dtype = compute_dtype(cfg.dtype)
     features = resnet.ResNet(backbone=cfg.backbone, norm=cfg.norm, freeze_at=cfg.freeze_at,
-                             dtype=dtype, name='backbone')(images, train=train)
+                             dtype=dtype, rows=self.rows, name='backbone')(images, train=train)
     pyramid = fpn_lib.FPN(channels=cfg.fpn_channels, min_level=cfg.min_level,
                           max_level=cfg.max_level, p6_from=cfg.p6_from, dtype=dtype,
-                          name='fpn')(features)
+                          rows=self.rows, name='fpn')(features)
     levels = [pyramid[f'p{l}'] for l in range(cfg.min_level, cfg.max_level + 1)]
     head = lambda per_anchor, bias_init, name: heads.Head(
         self.num_anchors, per_anchor, channels=cfg.head_channels, num_convs=cfg.head_convs,
-        out_bias_init=bias_init, norm=cfg.head_norm, dtype=dtype, name=name)
+        out_bias_init=bias_init, norm=cfg.head_norm, dtype=dtype, rows=self.rows, name=name)
     cls_logits = head(cfg.num_classes, heads.prior_bias(cfg.prior_prob), 'cls_head')(levels)
     box_deltas = head(4, nn.initializers.zeros, 'box_head')(levels)
-    return {'cls_logits': cls_logits, 'box_deltas': box_deltas}
+    outputs = {'cls_logits': cls_logits, 'box_deltas': box_deltas}
+    if self.rows is not None:
+      # [B, N, K] whole on every device of the model axis: the matching and the loss that
+      # consume them run data parallel, on the anchors of every level at once.
+      whole = jax.sharding.NamedSharding(self.rows.mesh, jax.sharding.PartitionSpec(
+          self.rows.spec[0]))
+      outputs = jax.lax.with_sharding_constraint(outputs, whole)
+    return outputs
 
 
-def create_model(config: ml_collections.ConfigDict) -> RetinaNet:
-  """The model of a full config: `config.model` plus A from `config.anchors`."""
+def create_model(config: ml_collections.ConfigDict, mesh=None) -> RetinaNet:
+  """The model of a full config: `config.model` plus A from `config.anchors`; given the `mesh`
+  it runs on, with its feature maps' rows split over the mesh's 'model' axis when that axis
+  has more than one device (config.mesh.model_parallelism)."""
   num_anchors = len(config.anchors.scales) * len(config.anchors.aspect_ratios)
   return RetinaNet(model_cfg=ml_collections.FrozenConfigDict(config.model),
-                   num_anchors=num_anchors)
+                   num_anchors=num_anchors,
+                   rows=None if mesh is None else sharding.spatial_sharding(mesh))
 
 
 def init_variables(model: RetinaNet, rng: jax.Array, image_size) -> dict:

@@ -103,7 +103,7 @@ _OOM = (re.compile(r'Used ([\d.]+[KMGT]?) of ([\d.]+[KMGT]?) hbm'),
         re.compile(r'\(([\d.]+[KMGT]?)\) exceeds available HBM \(([\d.]+[KMGT]?)\)'))
 
 
-def _compile(lowered, what: str, batch: int, data_size: int):
+def _compile(lowered, what: str, batch: int, chips: int):
   """lowered.compile(), with the TPU compiler's out-of-memory error as one PlanError line."""
   try:
     return lowered.compile()
@@ -114,7 +114,7 @@ def _compile(lowered, what: str, batch: int, data_size: int):
     used = next((m for m in (p.search(message) for p in _OOM) if m), None)
     amount = (f'{used.group(1)}B, more than the {used.group(2)}B of HBM the compiler has'
               if used else 'more than its HBM')
-    raise PlanError(f'the {what} does not fit: batch {batch} ({batch / data_size:g} per chip) '
+    raise PlanError(f'the {what} does not fit: batch {batch} ({batch / chips:g} per chip) '
                     f'needs {amount} per chip; lower the batch or raise '
                     'config.mesh.model_parallelism') from e
 
@@ -161,11 +161,11 @@ def plan(config, topology: str, *, mfu: float = 0.4, detector: bool = True,
                     f'{data} and of the number of hosts {hosts} of {topology}')
   report = {'topology': topology, 'device_kind': devices[0].device_kind, 'chips': chips,
             'hosts': hosts, 'mesh': dict(mesh.shape), 'batch_size': batch,
-            'batch_per_chip': batch / data, 'batch_per_host': batch // hosts,
+            'batch_per_chip': batch / chips, 'batch_per_host': batch // hosts,
             'eval_batch_size': config.eval_batch_size,
             'chip': dataclasses.asdict(chip), 'mfu': mfu, 'num_train_steps':
             config.num_train_steps}
-  model = models.create_model(config)
+  model = models.create_model(config, mesh)
   state, tx = train.abstract_train_state(config, model, mesh)
   # The canvas of the largest landscape image the resize rule makes (min_size x max_size);
   # portrait canvases are its transpose, with the same memory and cost.
@@ -174,7 +174,7 @@ def plan(config, topology: str, *, mfu: float = 0.4, detector: bool = True,
   t0 = time.perf_counter()
   lowered = train.make_train_step(config, model, tx, mesh).lower(
       state, train.abstract_batch(config, mesh, canvas))
-  step = _program(_compile(lowered, 'train step', batch, data), chip, batch / chips, breakdown)
+  step = _program(_compile(lowered, 'train step', batch, chips), chip, batch / chips, breakdown)
   step['canvas'] = list(canvas)
   step['compile_seconds'] = time.perf_counter() - t0
   report['train_step'] = step
@@ -193,7 +193,7 @@ def plan(config, topology: str, *, mfu: float = 0.4, detector: bool = True,
         variables,
         jax.ShapeDtypeStruct((eval_batch, *eval_canvas, 3), jnp.uint8, sharding=split),
         jax.ShapeDtypeStruct((eval_batch, 2), jnp.int32, sharding=split))
-    detect = _program(_compile(lowered, 'detector', eval_batch, data), chip, eval_batch / chips,
+    detect = _program(_compile(lowered, 'detector', eval_batch, chips), chip, eval_batch / chips,
                       breakdown)
     detect['canvas'] = list(eval_canvas)
     detect['compile_seconds'] = time.perf_counter() - t0
@@ -203,13 +203,13 @@ def plan(config, topology: str, *, mfu: float = 0.4, detector: bool = True,
 
 def check_fits(report: dict):
   """Raises PlanError when a program's peak memory per chip exceeds the chip's HBM."""
-  hbm, data = report['chip']['hbm_bytes'], report['mesh'][sharding_lib.DATA_AXIS]
+  hbm, chips = report['chip']['hbm_bytes'], report['chips']
   for what, batch in (('train_step', report['batch_size']),
                       ('detector', report.get('eval_batch_size', 0))):
     if what in report and report[what]['memory']['peak'] > hbm:
       peak = report[what]['memory']['peak'] / GIB
       raise PlanError(f'the {what.replace("_", " ")} does not fit: batch {batch} '
-                      f'({batch / data:g} per chip) needs {peak:.2f} GiB per chip, more than the '
+                      f'({batch / chips:g} per chip) needs {peak:.2f} GiB per chip, more than the '
                       f'{hbm / GIB:.0f} GiB of HBM of {report["topology"]}; lower the batch or '
                       'raise config.mesh.model_parallelism')
 
@@ -223,7 +223,9 @@ def format_report(r: dict) -> str:
   lines = [
       f"{r['topology']} ({r['device_kind']}): {r['chips']} chips, {r['hosts']} hosts, mesh "
       f"{r['mesh']}; batch {r['batch_size']} = {r['batch_per_chip']:g} per chip, "
-      f"{r['batch_per_host']} per host.",
+      f"{r['batch_per_host']} per host" + (
+          f"; each image's rows split over {r['mesh']['model']} chips (spatial partitioning)."
+          if r['mesh'].get('model', 1) > 1 else '.'),
       f"Chip: {chip['peak_bf16_flops'] / 1e12:.0f} TFLOP/s bf16, {chip['hbm_bytes'] / GIB:.0f} "
       f"GiB HBM at {chip['hbm_bandwidth'] / 1e9:.0f} GB/s ({chip['source']}).",
       'All figures: ahead-of-time compile estimates / bounds per chip, not measurements.']
