@@ -166,3 +166,30 @@ def test_spatial_partitioning_splits_each_image_over_the_model_axis():
   assert (split['train_step']['memory']['temporaries']
           < 0.75 * whole['train_step']['memory']['temporaries'])
   assert 'rows split over 2 chips' in pod_plan.format_report(split)
+
+
+def test_hbm_floor_counts_what_kernels_move_to_and_from_hbm(report):
+  step = report['train_step']
+  assert 0 < step['hbm_floor_bytes'] <= step['bytes_accessed']
+  assert step['bound_seconds'] >= step['floor_seconds'] >= step['flops_seconds']
+
+
+def test_kernel_bytes_leave_out_on_chip_arrays_and_async_aliases():
+  devices, _ = pod_plan.topology_devices('v5e:2x2')
+  replicated = NamedSharding(Mesh(devices[:1], ('x',)), P())
+  x = jax.ShapeDtypeStruct((2048, 2048), jnp.float32, sharding=replicated)
+  compiled = jax.jit(lambda x: jnp.exp(x) * 2 + 1).lower(x).compile()
+  # One elementwise kernel: reads x and writes the result, 16.8 MB each, once.
+  assert sum(k.bytes for k in hlo_stats.kernels(compiled.as_text())) == 2 * 2048 * 2048 * 4
+  text = '\n'.join([
+      'ENTRY %main (p: f32[100,64]) -> f32[100,64] {',
+      '  %p = f32[100,64]{1,0} parameter(0)',
+      '  %s = ((f32[100,64]{1,0}), f32[25,64]{1,0:S(1)}, s32[]{:S(2)}) slice-start(%p), '
+      'slice={[0:25], [0:64]}',
+      '  %d = f32[25,64]{1,0:S(1)} slice-done(%s)',
+      '  %c = f32[100,64]{1,0:S(1)} custom-call(%d), custom_call_target="ConcatBitcast"',
+      '  ROOT %f = f32[100,64]{1,0} fusion(%c), kind=kLoop, calls=%g',
+      '}'])
+  moved = {k.opcode: k.bytes for k in hlo_stats.kernels(text)}
+  # The prefetch reads its slice from HBM; VMEM-resident arrays cost no HBM traffic.
+  assert moved == {'slice-start': 25 * 64 * 4, 'custom-call': 0, 'fusion': 100 * 64 * 4}

@@ -3,8 +3,11 @@
 XLA's cost analysis gives only whole-program totals; pod_plan needs the collectives (kind,
 count, bytes) and, for `--breakdown`, which kernels move the bytes and do the FLOPs. Both are
 read here from the instructions of the entry computation:
-- a kernel's bytes are its output plus its operands (what HloCostAnalysis counts for a fusion
-  that reads each operand once);
+- a kernel's bytes are what it reads from and writes to HBM at its boundary: its operands and
+  outputs that live in HBM (a layout with memory space S(1), the TPU's VMEM, is on chip), each
+  once; the slices XLA prefetches into VMEM (slice-start, copy-start) count as the HBM reads
+  they are. Re-reads inside a kernel (a convolution tiling its operands) are not seen, so the
+  sum is a floor on the program's HBM traffic, where XLA's cost analysis counts more;
 - its FLOPs are those of the convolutions and dots it contains, 2 per multiply-add: a
   convolution does (rhs elements / rhs output features) multiply-adds per output element, a dot
   the product of its contracting dimensions.
@@ -23,18 +26,45 @@ _BYTES = {'pred': 1, 's8': 1, 'u8': 1, 's16': 2, 'u16': 2, 'f16': 2, 'bf16': 2, 
           'f8e4m3fn': 1, 'f8e5m2': 1, 's4': 1, 'u4': 1}
 # `  %name = TYPE opcode(operands), attributes` (TYPE may be a tuple in parentheses).
 _INSTRUCTION = re.compile(r'^\s*(?:ROOT )?%(\S+) = (\(.*?\)|\S+) ([\w-]+)\((.*?)\)(.*)$')
-_ARRAY = re.compile(r'\b([a-z]+\d*(?:e\d+m\d+\w*)?)\[([\d,]*)\]')
+_ARRAY = re.compile(r'\b([a-z]+\d*(?:e\d+m\d+\w*)?)\[([\d,]*)\](\{[^}]*\})?')
+# A layout's memory space other than 0 (HBM): S(1) is the TPU's on-chip VMEM, S(2) its SMEM.
+_ON_CHIP = re.compile(r'S\([1-9]\d*\)')
 _COMPUTATION = re.compile(r'^(ENTRY )?%(\S+) .*\{$')
 COLLECTIVES = ('all-reduce', 'all-gather', 'reduce-scatter', 'all-to-all', 'collective-permute')
 
 
+def _typed(shape: str) -> list[tuple[str, tuple[int, ...], bool]]:
+  """(dtype, dims, on chip) of every array of `shape` (a tuple's in order)."""
+  return [(dtype, tuple(int(d) for d in dims.split(',') if d), bool(_ON_CHIP.search(layout)))
+          for dtype, dims, layout in _ARRAY.findall(shape) if dtype in _BYTES]
+
+
 def _arrays(shape: str) -> list[tuple[str, tuple[int, ...]]]:
-  return [(dtype, tuple(int(d) for d in dims.split(',') if d))
-          for dtype, dims in _ARRAY.findall(shape) if dtype in _BYTES]
+  return [(dtype, dims) for dtype, dims, _ in _typed(shape)]
+
+
+def _nbytes(array) -> int:
+  return _BYTES[array[0]] * math.prod(array[1])
 
 
 def shape_bytes(shape: str) -> int:
-  return sum(_BYTES[dtype] * math.prod(dims) for dtype, dims in _arrays(shape))
+  return sum(map(_nbytes, _arrays(shape)))
+
+
+def _hbm_bytes(inst: 'Instruction', shapes: dict[str, str]) -> int:
+  """What `inst` reads from and writes to HBM: its operands and results that live there, not
+  in on-chip memory (VMEM prefetches count as the HBM read they are). An async start's result
+  tuple repeats its operands first (aliases, not copies), which are dropped; a slice-start
+  reads only its slice."""
+  operands = [a for o in inst.operands for a in _typed(shapes.get(o, ''))]
+  results = _typed(inst.shape)
+  if (inst.opcode.endswith('-start')
+      and [a[:2] for a in results[:len(operands)]] == [a[:2] for a in operands]):
+    results = [a for a in results[len(operands):] if a[1]]  # Less the scalar context.
+    if inst.opcode == 'slice-start':
+      read = sum(map(_nbytes, results)) if any(not a[2] for a in operands) else 0
+      return read + sum(_nbytes(a) for a in results if not a[2])
+  return sum(_nbytes(a) for a in operands + results if not a[2])
 
 
 @dataclasses.dataclass
@@ -128,8 +158,8 @@ def kernels(hlo_text: str) -> list[Kernel]:
   for inst in computations.get(entry, []):
     if inst.opcode in free or inst.opcode.endswith('-done'):
       continue
-    moved = shape_bytes(inst.shape) + sum(shape_bytes(shapes.get(o, '')) for o in inst.operands)
-    result.append(Kernel(inst.name, inst.opcode, inst.op_name, moved, instruction_flops(inst)))
+    result.append(Kernel(inst.name, inst.opcode, inst.op_name, _hbm_bytes(inst, shapes),
+                         instruction_flops(inst)))
   return result
 
 
@@ -182,5 +212,5 @@ def collectives(hlo_text: str) -> dict[str, dict[str, int]]:
         if inst.opcode.endswith('-start') and kind != 'all-reduce':
           arrays = arrays[len(arrays) // 2:]  # (operands..., results...) of an async start.
         found[kind]['count'] += 1
-        found[kind]['bytes'] += sum(_BYTES[d] * math.prod(s) for d, s in arrays)
+        found[kind]['bytes'] += sum(map(_nbytes, arrays))
   return {k: dict(v) for k, v in sorted(found.items())}
