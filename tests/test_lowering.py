@@ -4,6 +4,7 @@ convolutions throughout (forward and both gradients); lowered for CPU, the GEMM 
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 from retina_jax import inference
@@ -63,3 +64,25 @@ def test_export_for_cpu_cuda_tpu_runs_the_cpu_branch_here():
   got, want = exported.call(variables, images, hw), detect(variables, images, hw)
   for key in want:
     assert jnp.array_equal(got[key], want[key]), key
+
+
+@pytest.mark.parametrize('k, stride, pad, h, w', [
+    (3, 1, 1, 9, 8), (3, 2, 1, 9, 8), (3, 2, 1, 8, 8), (1, 2, 0, 8, 7), (1, 1, 0, 5, 5),
+    (7, 2, 3, 17, 16)])
+def test_native_weight_gradient_equals_autodiff(k, stride, pad, h, w):
+  """The accelerators' kernel gradient (one float32-accumulating convolution) is the one
+  autodiff gives, on odd and even sides, strides 1 and 2, with and without padding."""
+  from retina_jax.models import layers  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.normal(size=(2, h, w, 3)), jnp.float32)
+  kernel = jnp.asarray(rng.normal(size=(k, k, 3, 5)), jnp.float32)
+  y, vjp = jax.vjp(lambda k_: layers._xla_conv(x, k_, stride, pad), kernel)  # pylint: disable=protected-access
+  dy = jnp.asarray(rng.normal(size=y.shape), jnp.float32)
+  got = layers.native_weight_grad(x, dy, k, stride, pad)
+  assert got.dtype == jnp.float32
+  np.testing.assert_allclose(got, vjp(dy)[0], rtol=1e-5, atol=1e-5)
+  # In bfloat16 the result is still float32, with float32 accumulation.
+  got16 = layers.native_weight_grad(x.astype(jnp.bfloat16), dy.astype(jnp.bfloat16), k, stride,
+                                    pad)
+  assert got16.dtype == jnp.float32
+  np.testing.assert_allclose(got16, vjp(dy)[0], rtol=0.05, atol=0.05 * np.abs(got).max())

@@ -1,6 +1,7 @@
 """pod_plan compiles the tiny detector's train step and detector for real TPU topologies (the
 TPU runtime's compile-only devices; no TPU needed) and reads memory, cost and collectives."""
 
+import collections
 import dataclasses
 import json
 import os
@@ -18,6 +19,9 @@ from tests import tiny_detector
 pytest.importorskip('libtpu', reason='the TPU runtime is not installed: '
                     'pip install -r requirements-tpu.txt')
 
+from retina_jax import models  # pylint: disable=g-import-not-at-top
+from retina_jax import sharding as sharding_lib  # pylint: disable=g-import-not-at-top
+from retina_jax import train  # pylint: disable=g-import-not-at-top
 from retina_jax.tools import hlo_stats  # pylint: disable=g-import-not-at-top
 from retina_jax.tools import pod_plan  # pylint: disable=g-import-not-at-top
 
@@ -193,3 +197,24 @@ def test_kernel_bytes_leave_out_on_chip_arrays_and_async_aliases():
   moved = {k.opcode: k.bytes for k in hlo_stats.kernels(text)}
   # The prefetch reads its slice from HBM; VMEM-resident arrays cost no HBM traffic.
   assert moved == {'slice-start': 25 * 64 * 4, 'custom-call': 0, 'fusion': 100 * 64 * 4}
+
+
+def test_bfloat16_train_step_all_reduces_float32_gradients():
+  """With bfloat16 activations the kernel gradients are accumulated and summed across the
+  data axis in float32 (as torchvision's DDP sums float32 gradients), not in bfloat16."""
+  config = _config()
+  config.model.dtype = 'bfloat16'
+  devices, _ = pod_plan.topology_devices('v5e:2x2')
+  mesh = sharding_lib.make_mesh(config, devices)
+  model = models.create_model(config, mesh)
+  state, tx = train.abstract_train_state(config, model, mesh)
+  text = train.make_train_step(config, model, tx, mesh).lower(
+      state, train.abstract_batch(config, mesh)).compile().as_text()
+  computations, entry = hlo_stats.parse(text)
+  dtypes = collections.Counter()
+  for inst in computations[entry]:
+    if inst.opcode.removesuffix('-start') == 'all-reduce':
+      for dtype, dims in hlo_stats._arrays(inst.shape):  # pylint: disable=protected-access
+        dtypes[dtype] += int(np.prod(dims))
+  params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.params))
+  assert dtypes['f32'] >= params * 0.9 and dtypes['bf16'] == 0, dtypes

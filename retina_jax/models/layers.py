@@ -102,21 +102,62 @@ def _conv_bwd(stride, pad, residuals, dy):
 _conv_gemm_wgrad.defvjp(_conv_fwd, _conv_bwd)
 
 
+def native_weight_grad(x, dy, k: int, stride: int, pad: int):
+  """dL/dkernel [k, k, C, O] of a k x k conv as one native convolution, accumulated and
+  returned in float32 whatever the dtype of x and dy.
+
+  The same convolution JAX's autodiff emits (x's channels as the batch, its batch as the
+  features, dy dilated by the stride), but with a float32 result: the partial sums over each
+  device's images are then all-reduced across the data axis in float32, where the bfloat16
+  result of autodiff made XLA all-reduce bfloat16 gradients (as torchvision's DDP would not).
+  """
+  h, w = x.shape[1:3]
+  ho, wo = dy.shape[1:3]
+  padding = ((pad, (ho - 1) * stride + k - h - pad), (pad, (wo - 1) * stride + k - w - pad))
+  return jax.lax.conv_general_dilated(
+      x, dy, window_strides=(1, 1), padding=padding, rhs_dilation=(stride, stride),
+      dimension_numbers=('CHWN', 'IHWO', 'HWNC'), preferred_element_type=jnp.float32)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _native_conv(x, kernel, stride: int, pad: int):
+  """The native convolution of x with the float32 `kernel` cast to x's dtype; its kernel
+  gradient is float32 (native_weight_grad)."""
+  return _xla_conv(x, kernel.astype(x.dtype), stride, pad)
+
+
+def _native_conv_fwd(x, kernel, stride, pad):
+  return _native_conv(x, kernel, stride, pad), (x, kernel)
+
+
+def _native_conv_bwd(stride, pad, residuals, dy):
+  x, kernel = residuals
+  _, input_vjp = jax.vjp(lambda x_: _xla_conv(x_, kernel.astype(x.dtype), stride, pad), x)
+  (dx,) = input_vjp(dy)
+  dw = native_weight_grad(x, dy, kernel.shape[0], stride, pad)
+  return dx, dw.astype(kernel.dtype)
+
+
+_native_conv.defvjp(_native_conv_fwd, _native_conv_bwd)
+
+
 def conv2d(x, kernel, stride: int = 1, pad: int = 0):
   """x [B, H, W, C], kernel [k, k, C, O] -> [B, (H + 2 pad - k) // stride + 1, ..., O].
 
-  Zero padding of `pad` on every side, exactly as PyTorch's Conv2d(padding=pad).
+  Zero padding of `pad` on every side, exactly as PyTorch's Conv2d(padding=pad). The kernel
+  (float32 parameters) is cast to x's dtype for the product; its gradient comes back in the
+  kernel's dtype, accumulated in float32 on accelerators (native_weight_grad).
   """
   if kernel.shape[0] == 1 and kernel.shape[1] == 1 and pad == 0:
-    cpu = lambda x_, k_: _conv1x1(x_, k_, stride)
+    cpu = lambda x_, k_: _conv1x1(x_, k_.astype(x_.dtype), stride)
   else:
-    cpu = lambda x_, k_: _conv_gemm_wgrad(x_, k_, stride, pad)
+    cpu = lambda x_, k_: _conv_gemm_wgrad(x_, k_.astype(x_.dtype), stride, pad)
   # Chosen when lowering for each platform, not from the host's backend at trace time: an
   # ahead-of-time compile for TPU made on a CPU host, or a jax.export for ('cpu', 'cuda', 'tpu'),
   # gets the native convolution on the accelerators. Lowered for one platform, only its branch
   # is emitted.
   return jax.lax.platform_dependent(x, kernel, cpu=cpu,
-                                    default=lambda x_, k_: _xla_conv(x_, k_, stride, pad))
+                                    default=lambda x_, k_: _native_conv(x_, k_, stride, pad))
 
 
 def split_rows(x, rows):
@@ -153,8 +194,10 @@ class Conv(nn.Module):
     k = self.kernel_size
     kernel = self.param('kernel', self.kernel_init, (k, k, x.shape[-1], self.features),
                         jnp.float32)
-    y = conv2d(x.astype(self.dtype), kernel.astype(self.dtype), self.stride, self.padding)
+    y = conv2d(x.astype(self.dtype), kernel, self.stride, self.padding)
     if self.use_bias:
       bias = self.param('bias', self.bias_init, (self.features,), jnp.float32)
-      y = y + bias.astype(self.dtype)
+      # Added in float32 (fused into the convolution) so that the bias gradient is summed over
+      # pixels and devices in float32, as the kernel's is.
+      y = (y.astype(jnp.float32) + bias).astype(self.dtype)
     return y
