@@ -32,7 +32,9 @@ class RetinaNet(nn.Module):
   `model_cfg` is `config.model`. Parameters are float32; activations use `model_cfg.dtype`.
   `rows`: spatial partitioning (config.mesh.model_parallelism > 1): the NamedSharding that
   splits every feature map's rows over the mesh's 'model' axis (layers.split_rows), as the TPU
-  MLPerf detection submissions do for images too large for one chip; None: no constraint.
+  MLPerf detection submissions do for images too large for one chip; None: no constraint. The
+  outputs stay split too (XLA moves them for the loss): gathering them whole for the loss kept
+  the per-chip memory of one whole image, since the [B, N, K] per-anchor tensors dominate it.
   """
   model_cfg: Any
   num_anchors: int
@@ -54,12 +56,6 @@ class RetinaNet(nn.Module):
     cls_logits = head(cfg.num_classes, heads.prior_bias(cfg.prior_prob), 'cls_head')(levels)
     box_deltas = head(4, nn.initializers.zeros, 'box_head')(levels)
     outputs = {'cls_logits': cls_logits, 'box_deltas': box_deltas}
-    if self.rows is not None:
-      # [B, N, K] whole on every device of the model axis: the matching and the loss that
-      # consume them run data parallel, on the anchors of every level at once.
-      whole = jax.sharding.NamedSharding(self.rows.mesh, jax.sharding.PartitionSpec(
-          self.rows.spec[0]))
-      outputs = jax.lax.with_sharding_constraint(outputs, whole)
     return outputs
 
 
