@@ -70,7 +70,7 @@ def test_export_for_cpu_cuda_tpu_runs_the_cpu_branch_here():
     (3, 1, 1, 9, 8), (3, 2, 1, 9, 8), (3, 2, 1, 8, 8), (1, 2, 0, 8, 7), (1, 1, 0, 5, 5),
     (7, 2, 3, 17, 16)])
 def test_native_weight_gradient_equals_autodiff(k, stride, pad, h, w):
-  """The accelerators' kernel gradient (one float32-accumulating convolution) is the one
+  """TPU's kernel gradient (one float32-accumulating convolution) is the one
   autodiff gives, on odd and even sides, strides 1 and 2, with and without padding."""
   from retina_jax.models import layers  # pylint: disable=g-import-not-at-top
   rng = np.random.default_rng(0)

@@ -9,8 +9,10 @@ On CPU, XLA lowers the weight gradient of a convolution to a slow generic loop: 
 All of these GEMMs take 2-D [pixels, channels] views (`_pixels_contraction`, `_conv1x1`'s
 explicit VJP): written as 4-D einsums, their autodiff made XLA CPU copy gradients into a
 transposed layout first, ~1 s of a 7 s R50 train step (batch 2, 512 px).
-Elsewhere (GPU, TPU) the native convolution and its autodiff are used. Same parameters either
-way: 'kernel' [k, k, Cin, Cout] (HWIO) and 'bias' [Cout], as flax's nn.Conv.
+Elsewhere the native convolution is used: on GPUs with its autodiff, on TPU with a float32
+weight gradient (`native_weight_grad`), so that the data-parallel all-reduce sums float32.
+Same parameters either way: 'kernel' [k, k, Cin, Cout] (HWIO) and 'bias' [Cout], as flax's
+nn.Conv.
 """
 
 import functools
@@ -146,7 +148,9 @@ def conv2d(x, kernel, stride: int = 1, pad: int = 0):
 
   Zero padding of `pad` on every side, exactly as PyTorch's Conv2d(padding=pad). The kernel
   (float32 parameters) is cast to x's dtype for the product; its gradient comes back in the
-  kernel's dtype, accumulated in float32 on accelerators (native_weight_grad).
+  kernel's dtype, accumulated in float32 on TPU (native_weight_grad). On GPUs the weight
+  gradient stays autodiff's (in x's dtype, then cast): cuDNN may not run a bfloat16
+  convolution with a float32 result natively, and no GPU was at hand to measure it.
   """
   if kernel.shape[0] == 1 and kernel.shape[1] == 1 and pad == 0:
     cpu = lambda x_, k_: _conv1x1(x_, k_.astype(x_.dtype), stride)
@@ -156,8 +160,9 @@ def conv2d(x, kernel, stride: int = 1, pad: int = 0):
   # ahead-of-time compile for TPU made on a CPU host, or a jax.export for ('cpu', 'cuda', 'tpu'),
   # gets the native convolution on the accelerators. Lowered for one platform, only its branch
   # is emitted.
-  return jax.lax.platform_dependent(x, kernel, cpu=cpu,
-                                    default=lambda x_, k_: _native_conv(x_, k_, stride, pad))
+  return jax.lax.platform_dependent(
+      x, kernel, cpu=cpu, tpu=lambda x_, k_: _native_conv(x_, k_, stride, pad),
+      default=lambda x_, k_: _xla_conv(x_, k_.astype(x_.dtype), stride, pad))
 
 
 def split_rows(x, rows):
@@ -165,9 +170,9 @@ def split_rows(x, rows):
 
   `rows` is a NamedSharding P(data_axis, model_axis), or None for no partitioning (x as is).
   A map with fewer than 2 rows per device, or rows that do not divide evenly, stays whole on
-  every device of the model axis: XLA's partitioner then gathers it rather than exchange halos
-  as large as the blocks (a stride-2 conv backward over 1-row blocks gave 4x too large weight
-  gradients on XLA:CPU). The constraint holds in the backward pass too (its cotangent).
+  every device of the model axis: one-row blocks would need halos as large as themselves, and
+  such maps (P6, P7 of most images) are small. The constraint holds in the backward pass too
+  (on the cotangent).
   """
   if rows is None:
     return x

@@ -55,8 +55,7 @@ class RetinaNet(nn.Module):
         out_bias_init=bias_init, norm=cfg.head_norm, dtype=dtype, rows=self.rows, name=name)
     cls_logits = head(cfg.num_classes, heads.prior_bias(cfg.prior_prob), 'cls_head')(levels)
     box_deltas = head(4, nn.initializers.zeros, 'box_head')(levels)
-    outputs = {'cls_logits': cls_logits, 'box_deltas': box_deltas}
-    return outputs
+    return {'cls_logits': cls_logits, 'box_deltas': box_deltas}
 
 
 def create_model(config: ml_collections.ConfigDict, mesh=None) -> RetinaNet:
