@@ -32,16 +32,6 @@ def _pairwise_intersection(a, b):
   return side(0, 2) * side(1, 3)
 
 
-def _pairwise_intersection(a, b):
-  """a: [N, 4], b: [M, 4] (x1, y1, x2, y2) pixels -> [N, M] intersection areas."""
-  # Width and height each from their own coordinates, never an [N, M, 2] stack: XLA then fuses
-  # the whole IoU into the reductions that consume it instead of writing that stack to memory
-  # (on TPU the matcher's largest kernel). Same arithmetic as torchvision's box_iou.
-  w = jnp.maximum(jnp.minimum(a[:, None, 2], b[None, :, 2]) - jnp.maximum(a[:, None, 0], b[None, :, 0]), 0.0)
-  h = jnp.maximum(jnp.minimum(a[:, None, 3], b[None, :, 3]) - jnp.maximum(a[:, None, 1], b[None, :, 1]), 0.0)
-  return w * h
-
-
 def _safe_divide(num, den):
   """num / den where den > 0, else 0 (no NaN in values or gradients)."""
   pos = den > 0

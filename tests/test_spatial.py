@@ -6,7 +6,9 @@ The backbone norm here is frozen BN (R50's) or synchronized BN, with GroupNorm i
 (their statistics then span the row blocks). Not covered: the tiny model with a GroupNorm
 backbone, whose gradients are ill-conditioned on these padded images: scaling its input by
 1 + 1e-7 on one device, unpartitioned, already moves layer2's weight gradients by 2%, so no
-tolerance can tell a partitioning error from float32 rounding there."""
+tolerance can tell a partitioning error from float32 rounding there. Nor are several hosts
+covered (every model group here is on one host), nor the numbers on a real TPU: there the
+partitioned step is only compiled (tests/test_pod_plan.py), not run."""
 
 import re
 

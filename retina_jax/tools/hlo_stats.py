@@ -171,7 +171,8 @@ _MODEL_PARTS = {'backbone': 'backbone', 'fpn': 'fpn', 'cls_head': 'heads', 'box_
 def part(kernel: Kernel) -> str:
   """The part of the train step `kernel` belongs to: 'backbone', 'fpn', 'heads' (each
   ' forward' or ' backward'), 'matching', 'loss forward' / 'loss backward', 'optimizer',
-  'collectives', 'copies' (layout changes and prefetches XLA adds) or 'other'."""
+  'collectives', 'copies' (the layout copies and copy-start prefetches XLA adds) or 'other'
+  (among them the slice-start prefetches into VMEM, which carry no scope)."""
   if kernel.opcode.removesuffix('-start') in COLLECTIVES:
     return 'collectives'
   scopes = [m.group(1) for m in map(_WRAPPED.match, kernel.op_name.split('/')) if m]
