@@ -11,7 +11,7 @@ foreground count and averages over the images, which weighs an image with few ob
 one with many.
 """
 
-import functools
+from typing import Mapping
 
 import jax
 import jax.numpy as jnp
@@ -23,8 +23,8 @@ from retina_jax import matcher
 from retina_jax import postprocess
 
 
-def focal_loss(logits: jax.Array, targets: jax.Array, alpha: float,
-               gamma: float) -> jax.Array:
+def focal_loss(logits: jax.Array, targets: jax.Array, alpha: float | jax.Array,
+               gamma: float | jax.Array) -> jax.Array:
   """Sigmoid focal loss FL(p_t) = -alpha_t (1 - p_t)^gamma log(p_t), element-wise.
 
   Computed from log-sigmoid (never log(sigmoid(x))) so that logits of +-100 and bf16 inputs stay
@@ -35,8 +35,8 @@ def focal_loss(logits: jax.Array, targets: jax.Array, alpha: float,
   Args:
     logits: [..., K] class logits, any float dtype.
     targets: [..., K] binary targets (0 or 1; any dtype, nonzero is positive), same shape.
-    alpha: weight of the positive class.
-    gamma: focusing parameter.
+    alpha: weight of the positive class (a Python number or a traced scalar).
+    gamma: focusing parameter (a Python number or a traced scalar).
 
   Returns:
     [..., K] float32 loss per element.
@@ -55,9 +55,9 @@ def focal_loss(logits: jax.Array, targets: jax.Array, alpha: float,
   return -alpha_t * jnp.exp(gamma * log_not_p_t) * log_p_t
 
 
-def _focal_parts(logits, labels, alpha: float, gamma: float):
+def _focal_parts(logits, labels, alpha, gamma):
   """Per element: the focal loss and its derivative by the logit, float32, from one exp and one
-  log1p (plus one exp for a fractional gamma): [..., K] logits, [...] int labels."""
+  log1p (plus one exp for a fractional or traced gamma): [..., K] logits, [...] int labels."""
   x = logits.astype(jnp.float32)
   positive = labels[..., None] == jnp.arange(x.shape[-1], dtype=labels.dtype)
   z = jnp.where(positive, x, -x)  # p_t = sigmoid(z)
@@ -67,11 +67,15 @@ def _focal_parts(logits, labels, alpha: float, gamma: float):
   q = jnp.where(z >= 0, e * r, r)  # 1 - p_t, without cancellation.
   log_p_t = -jnp.log1p(e) - jnp.maximum(-z, 0.0)
   alpha_t = jnp.where(positive, alpha, 1.0 - alpha)
-  if gamma == 0:
+  static = isinstance(gamma, (int, float))
+  if static and gamma == 0:
     weight = jnp.ones_like(q)
-  elif float(gamma).is_integer():
+  elif static and float(gamma).is_integer():
     weight = q ** int(gamma)
-  else:  # exp(gamma * log(1 - p_t)) stays finite, with a finite derivative, where q underflows.
+  else:
+    # exp(gamma * log(1 - p_t)) stays finite, with a finite derivative, where q underflows to 0:
+    # q ** gamma there has an infinite derivative for 0 < gamma < 1, and for a traced gamma of 0
+    # its 0 ** 0 would be taken as 1 with a NaN derivative.
     weight = jnp.exp(gamma * (log_p_t - z))
   loss = -alpha_t * weight * log_p_t
   # d/dz [-a (1 - p)^g log p] = a (1 - p)^g (g p log p - (1 - p)), and dz/dx = +-1.
@@ -79,9 +83,8 @@ def _focal_parts(logits, labels, alpha: float, gamma: float):
   return loss, jnp.where(positive, dz, -dz)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
-def focal_loss_sum(logits: jax.Array, labels: jax.Array, weights: jax.Array, alpha: float,
-                   gamma: float) -> jax.Array:
+def focal_loss_sum(logits: jax.Array, labels: jax.Array, weights: jax.Array,
+                   alpha: float | jax.Array, gamma: float | jax.Array) -> jax.Array:
   """sum(weights[..., None] * focal_loss(logits, one_hot(labels))), float32 scalar.
 
   The classification loss of a train step in one pass over the [B, N, K] logits: no one-hot
@@ -93,9 +96,14 @@ def focal_loss_sum(logits: jax.Array, labels: jax.Array, weights: jax.Array, alp
     labels: [...] int, the positive class of each row; any value outside [0, K) (e.g. -1) for
       a row with no positive class (background).
     weights: [...] float weight of each row (0 for ignored anchors); not differentiated.
-    alpha, gamma: as `focal_loss` (Python numbers).
+    alpha, gamma: as `focal_loss`: Python numbers (the step is specialised to them: no exp for
+      gamma 0, a product for an integer gamma) or float32 scalars, e.g. a fused sweep's
+      per-member values traced under `jax.vmap`; neither is differentiated.
   """
-  return _focal_loss_sum_fwd(logits, labels, weights, alpha, gamma)[0]
+  if isinstance(alpha, (int, float)) and isinstance(gamma, (int, float)):
+    return _focal_loss_sum_static(logits, labels, weights, float(alpha), float(gamma))
+  return _focal_loss_sum_traced(logits, labels, weights, jnp.asarray(alpha, jnp.float32),
+                                jnp.asarray(gamma, jnp.float32))
 
 
 def _focal_loss_sum_fwd(logits, labels, weights, alpha, gamma):
@@ -104,12 +112,16 @@ def _focal_loss_sum_fwd(logits, labels, weights, alpha, gamma):
   return jnp.sum(loss * w), (grad * w).astype(logits.dtype)
 
 
-def _focal_loss_sum_bwd(alpha, gamma, grad, g):
-  del alpha, gamma
-  return (g * grad).astype(grad.dtype), None, None
+def _focal_loss_sum_value(logits, labels, weights, alpha, gamma):
+  return _focal_loss_sum_fwd(logits, labels, weights, alpha, gamma)[0]
 
 
-focal_loss_sum.defvjp(_focal_loss_sum_fwd, _focal_loss_sum_bwd)
+_focal_loss_sum_static = jax.custom_vjp(_focal_loss_sum_value, nondiff_argnums=(3, 4))
+_focal_loss_sum_static.defvjp(
+    _focal_loss_sum_fwd, lambda alpha, gamma, grad, g: ((g * grad).astype(grad.dtype), None, None))
+_focal_loss_sum_traced = jax.custom_vjp(_focal_loss_sum_value)
+_focal_loss_sum_traced.defvjp(
+    _focal_loss_sum_fwd, lambda grad, g: ((g * grad).astype(grad.dtype), None, None, None, None))
 
 
 def sigmoid_cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
@@ -207,8 +219,13 @@ def ohem_selection(anchor_loss: jax.Array, labels_fg: jax.Array, considered: jax
   return jax.vmap(per_image)(anchor_loss, labels_fg, considered)
 
 
+# The fields of config.loss that a fused sweep gives each member as a traced number.
+TRACED_FIELDS = ('alpha', 'gamma', 'box_weight')
+
+
 def detection_loss(outputs: dict[str, jax.Array], batch: dict[str, jax.Array],
-                   anchors: jax.Array, config: ml_collections.ConfigDict
+                   anchors: jax.Array, config: ml_collections.ConfigDict,
+                   hparams: Mapping[str, jax.Array] | None = None
                    ) -> tuple[jax.Array, dict[str, jax.Array]]:
   """Matches anchors to ground truth on device and returns (total loss, parts).
 
@@ -218,6 +235,8 @@ def detection_loss(outputs: dict[str, jax.Array], batch: dict[str, jax.Array],
       'is_crowd' [B, G] bool, 'box_valid' [B, G] bool.
     anchors: [N, 4] (x1, y1, x2, y2) padded-image pixels.
     config: the full config (uses loss, matcher, box_coder).
+    hparams: float32 scalars that replace config.loss's fields of the same names (some of
+      TRACED_FIELDS), e.g. one fused-sweep member's values under `jax.vmap`.
 
   Returns:
     Scalar float32 loss and a dict of scalar metrics (cls_loss, box_loss, num_foreground).
@@ -229,12 +248,18 @@ def detection_loss(outputs: dict[str, jax.Array], batch: dict[str, jax.Array],
     matched_labels = jnp.take_along_axis(batch['labels'], matched, axis=1)
     matched_boxes = jnp.take_along_axis(batch['boxes'], matched[..., None], axis=1)
   with jax.named_scope('loss'):
-    return _loss_terms(outputs, anchors, matched_labels, matched_boxes, state, config)
+    return _loss_terms(outputs, anchors, matched_labels, matched_boxes, state, config,
+                       dict(hparams or {}))
 
 
-def _loss_terms(outputs, anchors, matched_labels, matched_boxes, state, config):
+def _loss_terms(outputs, anchors, matched_labels, matched_boxes, state, config, hparams):
   """detection_loss's classification and box terms, from what the matching gave each anchor."""
   loss_cfg = config.loss
+  unknown = set(hparams) - set(TRACED_FIELDS)
+  if unknown:
+    raise ValueError(f'detection_loss takes traced values of {TRACED_FIELDS} only, got '
+                     f'{sorted(unknown)}')
+  alpha, gamma, box_weight = (hparams.get(k, float(loss_cfg[k])) for k in TRACED_FIELDS)
   cls_logits = outputs['cls_logits']
   num_classes = cls_logits.shape[-1]
   foreground = state == 1
@@ -253,8 +278,7 @@ def _loss_terms(outputs, anchors, matched_labels, matched_boxes, state, config):
 
   if loss_cfg.kind == 'focal':
     labels = jnp.where(foreground, matched_labels, -1)
-    cls_loss = focal_loss_sum(cls_logits, labels, considered * anchor_weight,
-                              float(loss_cfg.alpha), float(loss_cfg.gamma))
+    cls_loss = focal_loss_sum(cls_logits, labels, considered * anchor_weight, alpha, gamma)
   elif loss_cfg.kind == 'ohem':
     targets = jax.nn.one_hot(matched_labels, num_classes) * foreground[..., None]
     anchor_loss = sigmoid_cross_entropy(cls_logits, targets).sum(-1)
@@ -267,6 +291,6 @@ def _loss_terms(outputs, anchors, matched_labels, matched_boxes, state, config):
   per_anchor_box = box_regression_loss(outputs['box_deltas'], matched_boxes, anchors, loss_cfg,
                                        config.box_coder)
   box_loss = jnp.sum(jnp.where(foreground, per_anchor_box * anchor_weight, 0.0))
-  total = cls_loss + loss_cfg.box_weight * box_loss
+  total = cls_loss + box_weight * box_loss
   return total, {'cls_loss': cls_loss, 'box_loss': box_loss,
                  'num_foreground': num_foreground.astype(jnp.float32)}

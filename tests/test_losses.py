@@ -269,3 +269,60 @@ def test_ohem_loss_is_finite_and_differs_from_focal():
   config.loss.kind = 'ohem'
   ohem = float(losses.detection_loss(outputs, batch, anchors, config)[1]['cls_loss'])
   assert np.isfinite(ohem) and ohem != pytest.approx(focal)
+
+
+TRACED_GAMMAS = (0.0, 0.1, 0.5, 1.0, 2.0, 5.0)
+
+
+def test_focal_loss_with_traced_gamma_and_alpha_is_finite_and_exact():
+  """Under vmap over members (a fused sweep) gamma and alpha are traced: no specialisation on
+  their values, yet loss and gradient equal the oracle, also for gamma 0 and 0 < gamma < 1 at
+  logits where 1 - p_t underflows to 0 in float32 (|x| of 100 and 200)."""
+  x = np.array([-200, -100, -30, -5, -1e-3, 0, 1e-3, 5, 30, 100, 200] * 2, np.float32)
+  t = np.array([1] * 11 + [0] * 11, np.float32)
+  labels = np.where(t == 1, 0, -1).astype(np.int32)[:, None]  # One class per row.
+  gammas = np.array(TRACED_GAMMAS, np.float32)
+  alphas = np.linspace(0.1, 0.9, len(gammas)).astype(np.float32)
+
+  def per_member(a, g):
+    elementwise = jax.value_and_grad(lambda v: losses.focal_loss(v, t, a, g).sum())
+    summed = jax.value_and_grad(
+        lambda v: losses.focal_loss_sum(v[:, None, None], labels, jnp.ones((len(x), 1)), a, g))
+    return elementwise(jnp.asarray(x)), summed(jnp.asarray(x))
+
+  (loss_e, grad_e), (loss_s, grad_s) = jax.jit(jax.vmap(per_member))(alphas, gammas)
+  for m, (a, g) in enumerate(zip(alphas, gammas)):
+    want = _focal_oracle(x, t, float(a), float(g))
+    want_grad = _focal_grad_oracle(x, t, float(a), float(g))
+    for loss, grad in ((loss_e[m], grad_e[m]), (loss_s[m], grad_s[m])):
+      assert np.all(np.isfinite(grad)), (g, grad)
+      np.testing.assert_allclose(float(loss), want.sum(), rtol=1e-5)
+      np.testing.assert_allclose(np.asarray(grad).ravel(), want_grad, rtol=1e-4, atol=1e-30)
+
+
+def test_detection_loss_with_traced_hparams_equals_the_configs():
+  """A fused sweep's per-member alpha, gamma and box weight, traced under vmap, give each member
+  the loss and gradient its own config gives."""
+  anchors, batch = _toy_problem(seed=2)
+  rng = np.random.default_rng(6)
+  n = anchors.shape[0]
+  outputs = {'cls_logits': rng.normal(size=(2, n, 3)).astype(np.float32),
+             'box_deltas': rng.normal(scale=0.2, size=(2, n, 4)).astype(np.float32)}
+  members = [(0.0, 0.75, 1.0), (0.5, 0.5, 2.0), (2.0, 0.25, 0.5)]
+  hparams = {k: jnp.asarray([m[i] for m in members], jnp.float32)
+             for i, k in enumerate(('gamma', 'alpha', 'box_weight'))}
+  base = config_lib.get_base_config()
+  fused = jax.jit(jax.vmap(jax.value_and_grad(
+      lambda o, h: losses.detection_loss(o, batch, anchors, base, h)[0]), in_axes=(None, 0)))
+  values, grads = fused(outputs, hparams)
+  for m, (gamma, alpha, box_weight) in enumerate(members):
+    config = config_lib.get_base_config()
+    config.loss.gamma, config.loss.alpha, config.loss.box_weight = gamma, alpha, box_weight
+    value, grad = jax.value_and_grad(
+        lambda o: losses.detection_loss(o, batch, anchors, config)[0])(outputs)
+    np.testing.assert_allclose(float(values[m]), float(value), rtol=1e-6)
+    for k in grad:
+      np.testing.assert_allclose(np.asarray(grads[k][m]), np.asarray(grad[k]), rtol=1e-5,
+                                 atol=1e-9)
+  with pytest.raises(ValueError, match='smooth_l1_beta'):
+    losses.detection_loss(outputs, batch, anchors, base, {'smooth_l1_beta': 0.1})
