@@ -23,6 +23,7 @@ from ml_collections import config_flags
 from retina_jax import checkpoint
 from retina_jax import cli
 from retina_jax import hosts
+from retina_jax import run_control
 from retina_jax import train
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment file, e.g. '
@@ -99,14 +100,15 @@ def main(argv):
   try:
     train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
     code = 0
-  except train.Preempted as e:
+  except run_control.Preempted as e:
     logging.warning('%s', e)
     code = EXIT_PREEMPTED
   except Exception as e:  # pylint: disable=broad-except
     if watchdog:  # Was it this process's own error, or did a lost peer cause it? (exits 75)
       watchdog.wait_for_a_lost_peer()
-    if isinstance(e, (train.NonFiniteError, train.WorkdirError, train.EvaluationError,
-                      checkpoint.DamagedCheckpointError, checkpoint.CheckpointWriteError)):
+    if isinstance(e, (run_control.NonFiniteError, run_control.WorkdirError,
+                      run_control.EvaluationError, checkpoint.DamagedCheckpointError,
+                      checkpoint.CheckpointWriteError)):
       logging.error('%s', e)  # It says what happened, where and what to do: no traceback.
     else:
       logging.exception('Training failed:')

@@ -7,12 +7,8 @@ at log, checkpoint and evaluation steps.
 """
 
 import functools
-import json
 import logging
-import math
-import signal
-import time
-from typing import Any, Callable
+from typing import Any
 
 import flax
 import jax
@@ -20,14 +16,16 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-from jax.experimental import multihost_utils
 
 from retina_jax import anchors as anchors_lib
 from retina_jax import checkpoint as ckpt
-from retina_jax import convert
 from retina_jax import fileio
 from retina_jax import losses
+from retina_jax import metrics as metrics_lib
 from retina_jax import models
+from retina_jax import optim
+from retina_jax import pretrained as pretrained_lib
+from retina_jax import run_control
 from retina_jax import sharding as sharding_lib
 from retina_jax.data import pipeline
 from retina_jax.evaluation import coco_eval
@@ -41,62 +39,6 @@ class TrainState:
   batch_stats: Any
   opt_state: Any
   first_bad_step: jax.Array  # int32 scalar: first step with a non-finite loss or gradient, or -1.
-
-
-def learning_rate_schedule(config: ml_collections.ConfigDict) -> Callable[[jax.Array], jax.Array]:
-  """Linear warm-up then step decay; the base LR scales linearly with the global batch."""
-  o = config.optim
-  peak = o.base_lr * config.batch_size / o.base_batch_size
-  boundaries = jnp.asarray(o.decay_steps or (config.num_train_steps + 1,), jnp.int32)
-
-  def schedule(step):
-    if o.warmup_steps > 0:
-      alpha = jnp.minimum(step / o.warmup_steps, 1.0)
-      warm = o.warmup_factor * (1.0 - alpha) + alpha
-    else:
-      warm = 1.0
-    drops = jnp.sum(step >= boundaries)
-    return peak * warm * o.decay_factor ** drops
-
-  return schedule
-
-
-WEIGHT_DECAY_MASKS = ('kernels', 'all')
-
-
-def weight_decay_mask(config: ml_collections.ConfigDict) -> Callable[[Any], Any]:
-  """params -> bool tree of the parameters that decay (config.optim.weight_decay_mask): conv and
-  dense kernels only, not norm scales and biases ('kernels', as detectron2), or every one
-  ('all', as torchvision's reference scripts)."""
-  kind = config.optim.weight_decay_mask
-  if kind not in WEIGHT_DECAY_MASKS:
-    raise ValueError(f'config.optim.weight_decay_mask must be one of {WEIGHT_DECAY_MASKS}, '
-                     f'got {kind!r}')
-  return lambda params: jax.tree.map(lambda p: kind == 'all' or p.ndim > 1, params)
-
-
-def make_optimizer(config: ml_collections.ConfigDict, params: Any) -> optax.GradientTransformation:
-  """SGD with momentum and L2 weight decay (the paper's), or AdamW with decoupled weight decay
-  (`config.optim.name`); parameters frozen by `config.model.freeze_at` get no update and no
-  optimiser state."""
-  o = config.optim
-  parts = []
-  if o.grad_clip_norm > 0:
-    parts.append(optax.clip_by_global_norm(o.grad_clip_norm))
-  if o.name == 'sgd':
-    parts += [
-        optax.add_decayed_weights(o.weight_decay, mask=weight_decay_mask(config)),
-        optax.sgd(learning_rate_schedule(config), momentum=o.momentum),
-    ]
-  elif o.name == 'adamw':
-    parts.append(optax.adamw(learning_rate_schedule(config), b1=o.momentum, b2=o.adam_b2,
-                             weight_decay=o.weight_decay, mask=weight_decay_mask(config)))
-  else:
-    raise ValueError(f"config.optim.name must be 'sgd' or 'adamw', got {o.name!r}")
-  frozen = models.frozen_mask(params, config.model.freeze_at)
-  labels = jax.tree.map(lambda f: 'frozen' if f else 'train', frozen)
-  return optax.multi_transform(
-      {'train': optax.chain(*parts), 'frozen': optax.set_to_zero()}, labels)
 
 
 def image_size(config: ml_collections.ConfigDict) -> tuple[int, int]:
@@ -160,7 +102,7 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, model,
         first_bad_step=jnp.where((state.first_bad_step < 0) & ~finite, state.step,
                                  state.first_bad_step))
   metrics = {'loss': loss, 'grad_norm': grad_norm,
-             'learning_rate': learning_rate_schedule(config)(state.step), **parts}
+             'learning_rate': optim.learning_rate_schedule(config)(state.step), **parts}
   return new_state, metrics
 
 
@@ -170,39 +112,11 @@ def init_variables(config: ml_collections.ConfigDict, model, rng: jax.Array,
   variables = models.init_variables(model, rng, image_size(config))
   variables = {'params': variables['params'], 'batch_stats': variables.get('batch_stats', {})}
   if config.init_from and pretrained:
-    variables = load_pretrained(variables, config.init_from)
+    variables = pretrained_lib.load(variables, config.init_from)
   return variables
 
 
-def load_pretrained(variables: dict[str, Any], path: str) -> dict[str, Any]:
-  """Overwrites every variable that the converted file has with the same path and shape.
-
-  What the file lacks, or has with another shape (a class head for another number of classes),
-  keeps its initialisation, as detectron2 does when fine-tuning; every such path is logged, so
-  a wrong file cannot pass silently as 'nothing loaded'.
-  """
-  if not fileio.Path(path).exists():
-    raise FileNotFoundError(f'config.init_from={path!r} does not exist; make it with '
-                            'scripts/convert_torchvision.py')
-  loaded = flax.traverse_util.flatten_dict(convert.load_variables(path), sep='/')
-  ours = flax.traverse_util.flatten_dict(variables, sep='/')
-  mismatched = sorted(k for k, v in loaded.items()
-                      if k in ours and tuple(np.shape(v)) != tuple(ours[k].shape))
-  for key in mismatched:
-    del loaded[key]
-  merged, not_loaded, unused = convert.restore_into(
-      variables, flax.traverse_util.unflatten_dict(loaded, sep='/'))
-  logging.info('init_from %s: loaded %d arrays; initialised afresh: %s; shape mismatch (kept '
-               'fresh): %s; unused in the file: %s', path, len(ours) - len(not_loaded),
-               ', '.join(not_loaded) or 'none', ', '.join(mismatched) or 'none',
-               ', '.join(unused) or 'none')
-  if len(not_loaded) == len(ours):
-    raise ValueError(f'config.init_from={path!r}: no array matched the model; is it a file '
-                     'written by scripts/convert_torchvision.py for this backbone?')
-  return merged
-
-
-def create_train_state(config, model, mesh, tx_fn=make_optimizer, pretrained: bool = True
+def create_train_state(config, model, mesh, tx_fn=optim.make_optimizer, pretrained: bool = True
                        ) -> tuple[TrainState, Any]:
   """Initialises the replicated state directly on the mesh (no host copy of the parameters).
 
@@ -231,7 +145,7 @@ def abstract_train_state(config, model, mesh) -> tuple[TrainState, Any]:
       lambda rng: models.init_variables(model, rng, image_size(config)),
       jax.random.key(config.seed, impl='rbg'))
   variables = {'params': variables['params'], 'batch_stats': variables.get('batch_stats', {})}
-  tx = make_optimizer(config, variables['params'])
+  tx = optim.make_optimizer(config, variables['params'])
   state = jax.eval_shape(
       lambda v: TrainState(step=jnp.zeros((), jnp.int32), params=v['params'],
                            batch_stats=v['batch_stats'], opt_state=tx.init(v['params']),
@@ -272,108 +186,6 @@ def make_train_step(config, model, tx, mesh):
                  out_shardings=(replicated, replicated), donate_argnums=(0,))
 
 
-class MetricLogger:
-  """Metrics as JSON lines (`metrics.jsonl`) and TensorBoard events, written by host 0 only.
-
-  metrics.jsonl is rewritten whole at each write (`fileio.write_atomic`): an object store has
-  no append, and a reader or a kill then sees the file before or after a record, never half a
-  line. TensorBoard events go through tensorboardX, which writes gs:// with
-  google-cloud-storage (re-uploading its event file at each flush).
-
-  Resuming at `resume_step` first drops what a killed run logged after its last checkpoint:
-  the records past that step from metrics.jsonl (and a line cut short by an older writer), and,
-  by TensorBoard's purge_step, its events, so that every step appears once in both.
-  """
-
-  def __init__(self, workdir: str, resume_step: int = 0):
-    self._active = jax.process_index() == 0
-    if not self._active:
-      return
-    self._path = fileio.Path(workdir) / 'metrics.jsonl'
-    self._lines = _records_up_to(self._path, resume_step if resume_step > 0 else None)
-    from tensorboardX import SummaryWriter  # Imported lazily: it pulls in protobuf.
-    self._tb = SummaryWriter(str(fileio.Path(workdir) / 'tensorboard'),
-                             purge_step=resume_step + 1 if resume_step > 0 else None)
-
-  def write(self, step: int, metrics: dict[str, float], prefix: str = 'train'):
-    if not self._active:
-      return
-    record = {'step': step, **{f'{prefix}/{k}': float(v) for k, v in metrics.items()}}
-    self._lines.append(json.dumps(record) + '\n')
-    fileio.write_atomic(self._path, ''.join(self._lines))
-    for key, value in record.items():
-      if key != 'step' and math.isfinite(value):
-        self._tb.add_scalar(key, value, step)
-    self._tb.flush()
-
-  def close(self):
-    if self._active:
-      self._tb.close()
-
-
-def _records_up_to(path, step: int | None) -> list[str]:
-  """The lines of a metrics.jsonl with the records up to `step` (all when None), without a line
-  that an appending writer (before `write_atomic`) left cut short."""
-  if not path.exists():
-    return []
-  keep = []
-  for line in path.read_text().splitlines():
-    try:
-      record = json.loads(line)
-    except json.JSONDecodeError:
-      continue
-    if isinstance(record, dict) and (step is None or record.get('step', 0) <= step):
-      keep.append(json.dumps(record) + '\n')
-  return keep
-
-
-class Preemption:
-  """SIGTERM on any host asks every host to save and stop at the same step."""
-
-  def __init__(self):
-    self.requested = False
-    if jax.process_count() == 1:
-      signal.signal(signal.SIGTERM, self._handler)
-
-  def _handler(self, signum, frame):
-    del signum, frame
-    self.requested = True
-
-  def reached(self, step: int) -> bool:
-    if jax.process_count() > 1:
-      return multihost_utils.reached_preemption_sync_point(step)
-    return self.requested
-
-
-class Preempted(Exception):
-  """Training stopped early on a preemption request, after the checkpoint of `step` was saved
-  on every host; re-running the same command resumes there (main.py exits 143 for it)."""
-
-  def __init__(self, step: int, workdir: str):
-    super().__init__(f'Preempted: saved step {step} in {workdir}; re-run the same command to '
-                     'resume.')
-    self.step = step
-
-
-class NonFiniteError(RuntimeError):
-  pass
-
-
-class EvaluationError(RuntimeError):
-  pass
-
-
-def _every(step: int, period: int) -> bool:
-  """Whether a periodic action (log, checkpoint, evaluation) is due; a period of 0 means only
-  at the end of training, as for config.eval_every_steps in the demo."""
-  return period > 0 and step % period == 0
-
-
-def _format_eta(seconds: float) -> str:
-  seconds = int(max(seconds, 0))
-  return f'{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}'
-
-
 def validate_config(config: ml_collections.ConfigDict):
   if config.data.image_size % anchors_lib.SIZE_MULTIPLE:
     raise ValueError(f'config.data.image_size={config.data.image_size} must be a multiple of '
@@ -386,28 +198,43 @@ def validate_config(config: ml_collections.ConfigDict):
                      f"{coco_eval.METRIC_NAMES}, or '' for none.")
 
 
-class WorkdirError(OSError):
-  pass
-
-
-def make_writable_workdir(workdir: str):
-  """Creates `workdir` and writes and removes one small file there (one per process), so that a
-  read-only or full workdir stops at start-up, naming it, rather than at the first save."""
-  path = fileio.Path(workdir)
-  probe = path / f'.write_probe.{jax.process_index()}'
-  try:
-    path.mkdir(parents=True, exist_ok=True)
-    probe.write_text('retina_jax')
-    probe.unlink()
-  except OSError as e:
-    raise WorkdirError(f'Cannot write to --workdir {workdir} ({e.strerror or e}): make it '
-                       'writable or free space on it, or pass another --workdir.') from e
-
-
 def write_config(config: ml_collections.ConfigDict, workdir: str):
   if jax.process_index() == 0:
     fileio.Path(workdir).mkdir(parents=True, exist_ok=True)
     fileio.write_atomic(fileio.Path(workdir) / 'config.json', config.to_json_best_effort(indent=2))
+
+
+def check_finite(state: TrainState, manager, workdir: str):
+  """Raises NonFiniteError when `state` recorded a non-finite step (a host sync)."""
+  bad = int(jax.device_get(state.first_bad_step))
+  if bad >= 0:
+    raise run_control.NonFiniteError(
+        f'Non-finite loss or gradient at step {bad + 1}; stopped without saving. The last '
+        f'good checkpoint is step {manager.latest_step()} in {workdir}.')
+
+
+def evaluate_and_log(config, state: TrainState, step: int, *, workdir: str, mesh, logger,
+                     best_manager):
+  """Evaluates `state` as the state of `step`, which is checkpointed already (the save completes
+  before a failure here leaves train_and_evaluate), logs the numbers and keeps the best."""
+  variables = {'params': state.params, 'batch_stats': state.batch_stats}
+  try:
+    eval_metrics = evaluator.evaluate_variables(config, variables, workdir, mesh=mesh)
+  except Exception as e:  # pylint: disable=broad-except
+    raise run_control.EvaluationError(
+        f'Evaluation of {config.data.eval_split!r} at step {step} failed '
+        f'({type(e).__name__}: {e}). Training progress is kept: checkpoint step {step} is '
+        f'saved in {workdir}; fix the cause and re-run the same command to resume (an '
+        'unreadable image can be left out with config.data.skip_bad_images=True).') from e
+  logger.write(step, {k: v for k, v in eval_metrics.items() if isinstance(v, (int, float))},
+               prefix='eval')
+  if best_manager is not None and ckpt.save_if_best(
+      best_manager, config.keep_best_by, eval_metrics[config.keep_best_by], state):
+    logging.info('Best %s so far (%.4f) at step %d: kept in %s', config.keep_best_by,
+                 eval_metrics[config.keep_best_by], step, ckpt.best_dir(workdir))
+  if jax.process_index() == 0:
+    print(f'Evaluation of {config.data.eval_split!r} at step {step} (written to {workdir}):\n'
+          f'{coco_eval.format_table(eval_metrics)}', flush=True)
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
@@ -416,7 +243,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   Raises Preempted when a preemption request stopped it early (its checkpoint is saved).
   """
   validate_config(config)
-  make_writable_workdir(workdir)
+  run_control.make_writable_workdir(workdir)
   mesh = sharding_lib.make_mesh(config)
   sharding_lib.check_batch_size(config.batch_size, mesh)
   source = pipeline.create_source(config.data, config.data.train_split)
@@ -446,56 +273,29 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   if restored is not None:
     state = restored
     if int(state.first_bad_step) >= 0:
-      raise NonFiniteError(f'the checkpoint in {workdir} recorded a non-finite step '
-                           f'{int(state.first_bad_step)}')
+      raise run_control.NonFiniteError(f'the checkpoint in {workdir} recorded a non-finite step '
+                                       f'{int(state.first_bad_step)}')
   # Only now: a command whose config does not fit the checkpoint must not overwrite the
   # config.json that evaluation and export read next to it.
   write_config(config, workdir)
   start_step = int(jax.device_get(state.step))
-  logging.info('Starting at step %d of %d (%s)', start_step, config.num_train_steps,
+  total = config.num_train_steps
+  logging.info('Starting at step %d of %d (%s)', start_step, total,
                'resumed' if restored is not None else 'fresh')
   step_fn = make_train_step(config, model, tx, mesh)
   loader = pipeline.TrainLoader(source, config.data, config.batch_size, config.seed,
                                 process_index=jax.process_index(),
                                 process_count=jax.process_count())
-  logger = MetricLogger(workdir, resume_step=start_step)
-  preemption = Preemption()
+  logger = metrics_lib.MetricLogger(workdir, resume_step=start_step)
+  preemption = run_control.Preemption()
+  clock = run_control.StepClock(start_step)
+  evaluate = functools.partial(evaluate_and_log, config, workdir=workdir, mesh=mesh,
+                               logger=logger, best_manager=best_manager)
   pending: list[dict[str, jax.Array]] = []
-  timer_step, timer_start = start_step, time.perf_counter()
   compiled = set()  # Canvases the train step has been compiled for.
-
-  def check_finite():
-    bad = int(jax.device_get(state.first_bad_step))
-    if bad >= 0:
-      raise NonFiniteError(
-          f'Non-finite loss or gradient at step {bad + 1}; stopped without saving. The last '
-          f'good checkpoint is step {manager.latest_step()} in {workdir}.')
-
-  def run_eval(step):
-    """Evaluates the state of `step`, which is checkpointed already (the save completes
-    before a failure here leaves train_and_evaluate)."""
-    variables = {'params': state.params, 'batch_stats': state.batch_stats}
-    try:
-      eval_metrics = evaluator.evaluate_variables(config, variables, workdir, mesh=mesh)
-    except Exception as e:  # pylint: disable=broad-except
-      raise EvaluationError(
-          f'Evaluation of {config.data.eval_split!r} at step {step} failed '
-          f'({type(e).__name__}: {e}). Training progress is kept: checkpoint step {step} is '
-          f'saved in {workdir}; fix the cause and re-run the same command to resume (an '
-          'unreadable image can be left out with config.data.skip_bad_images=True).') from e
-    logger.write(step, {k: v for k, v in eval_metrics.items() if isinstance(v, (int, float))},
-                 prefix='eval')
-    if best_manager is not None and ckpt.save_if_best(
-        best_manager, config.keep_best_by, eval_metrics[config.keep_best_by], state):
-      logging.info('Best %s so far (%.4f) at step %d: kept in %s', config.keep_best_by,
-                   eval_metrics[config.keep_best_by], step, ckpt.best_dir(workdir))
-    if jax.process_index() == 0:
-      print(f'Evaluation of {config.data.eval_split!r} at step {step} (written to {workdir}):\n'
-            f'{coco_eval.format_table(eval_metrics)}', flush=True)
-
   try:
     batches = loader.iterate(start_step)
-    for step in range(start_step + 1, config.num_train_steps + 1):
+    for step in range(start_step + 1, total + 1):
       host_batch = next(batches)
       canvas = host_batch['image'].shape[1:3]
       if canvas not in compiled:
@@ -503,47 +303,42 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
       state, metrics = step_fn(state, sharding_lib.to_global(train_inputs(host_batch), mesh))
       pending.append(metrics)
       if canvas not in compiled:
-        # The first step of each canvas includes compilation: (re)start the clock for images/s
-        # and ETA after it.
+        # The first step of each canvas includes compilation: the clock starts after it.
         compiled.add(canvas)
         jax.block_until_ready(metrics)
-        timer_step, timer_start = step, time.perf_counter()
-      is_last = step == config.num_train_steps
+        clock.start(step)
       if preemption.reached(step):
         ckpt.save(manager, state, force=True)
         ckpt.wait_until_saved(manager)
-        raise Preempted(step, workdir)
-      if _every(step, config.log_every_steps) or is_last:
-        check_finite()
+        raise run_control.Preempted(step, workdir)
+      if run_control.itstime(step, config.log_every_steps, total):
+        check_finite(state, manager, workdir)
         summary = jax.tree.map(lambda *x: float(np.mean(x)), *jax.device_get(pending))
         pending = []
-        now = time.perf_counter()
-        if step - timer_step > 0:
-          per_step = (now - timer_start) / (step - timer_step)
+        per_step = clock.lap(step)
+        eta = '?'
+        if per_step is not None:
           summary['images_per_second'] = config.batch_size / per_step
-          eta = _format_eta(per_step * (config.num_train_steps - step))
-        else:
-          eta = '?'
-        timer_step, timer_start = step, now
+          eta = run_control.format_eta(per_step * (total - step))
         logger.write(step, summary)
         logging.info('step %d/%d  loss %.4f (cls %.4f box %.4f)  fg %.1f  lr %.3g  %.1f img/s  '
-                     'ETA %s', step, config.num_train_steps, summary['loss'],
-                     summary['cls_loss'], summary['box_loss'], summary['num_foreground'],
-                     summary['learning_rate'], summary.get('images_per_second', 0.0), eta)
+                     'ETA %s', step, total, summary['loss'], summary['cls_loss'],
+                     summary['box_loss'], summary['num_foreground'], summary['learning_rate'],
+                     summary.get('images_per_second', 0.0), eta)
       # An evaluation step is saved too, before evaluating: a failed evaluation loses nothing.
-      if (_every(step, config.checkpoint_every_steps) or _every(step, config.eval_every_steps)
-          or is_last):
-        check_finite()
+      if (run_control.itstime(step, config.checkpoint_every_steps, total)
+          or run_control.itstime(step, config.eval_every_steps, total)):
+        check_finite(state, manager, workdir)
         ckpt.save(manager, state)
-      if _every(step, config.eval_every_steps) and not is_last:
-        run_eval(step)
-        timer_start = time.perf_counter()
+      if run_control.itstime(step, config.eval_every_steps, total, last=False):
+        evaluate(state, step)
+        clock.start(step)
     # The final evaluation also runs when a finished run is started again (e.g. `make demo`),
     # labelled with the step it evaluates: a checkpoint past a lowered num_train_steps is newer.
-    if start_step > config.num_train_steps:
+    if start_step > total:
       logging.warning('The checkpoint in %s is at step %d, past num_train_steps=%d: evaluating '
-                      'it as it is.', workdir, start_step, config.num_train_steps)
-    run_eval(max(start_step, config.num_train_steps))
+                      'it as it is.', workdir, start_step, total)
+    evaluate(state, max(start_step, total))
   finally:
     ckpt.wait_until_saved(manager)
     logger.close()

@@ -1,4 +1,4 @@
-"""The optimiser and LR schedule of train.py against hand-written first steps."""
+"""The optimiser and LR schedule (optim.py) against hand-written first steps."""
 
 import jax.numpy as jnp
 import numpy as np
@@ -6,7 +6,7 @@ import optax
 import pytest
 
 from retina_jax import config as config_lib
-from retina_jax import train
+from retina_jax import optim
 
 
 def _config(**optim):
@@ -31,7 +31,7 @@ GRADS = {'backbone': {'conv1': {'kernel': jnp.full((3, 3, 1, 2), 0.5)},
 
 
 def test_schedule_warms_up_scales_with_batch_and_drops():
-  lr = train.learning_rate_schedule(_config())
+  lr = optim.learning_rate_schedule(_config())
   peak = 0.01 * 32 / 16
   np.testing.assert_allclose(float(lr(0)), peak * 0.001, rtol=1e-6)
   np.testing.assert_allclose(float(lr(50)), peak * (0.001 * 0.5 + 0.5), rtol=1e-6)
@@ -40,7 +40,7 @@ def test_schedule_warms_up_scales_with_batch_and_drops():
 
 
 def _first_update(config, params=PARAMS, grads=GRADS):
-  tx = train.make_optimizer(config, params)
+  tx = optim.make_optimizer(config, params)
   updates, _ = tx.update(grads, tx.init(params), params)
   return updates
 
@@ -84,4 +84,4 @@ def test_gradient_clipping_bounds_the_global_norm():
 
 def test_unknown_optimizer_is_a_clear_error():
   with pytest.raises(ValueError, match="optim.name must be 'sgd' or 'adamw'"):
-    train.make_optimizer(_config(name='lamb'), PARAMS)
+    optim.make_optimizer(_config(name='lamb'), PARAMS)

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from retina_jax import checkpoint as ckpt
+from retina_jax import run_control
 from retina_jax import train
 
 
@@ -231,7 +232,7 @@ def test_read_only_workdir_stops_at_start_up_naming_it(read_only_dir, tmp_path):
   from tests.test_train import tiny_config  # pylint: disable=g-import-not-at-top
   config = tiny_config(str(tmp_path / 'shapes'))
   for workdir in (read_only_dir, read_only_dir / 'run'):  # Existing, or to be made.
-    with pytest.raises(train.WorkdirError, match=f'--workdir {workdir} .*another --workdir'):
+    with pytest.raises(run_control.WorkdirError, match=f'--workdir {workdir} .*another --workdir'):
       train.train_and_evaluate(config, str(workdir))
 
 
@@ -264,7 +265,7 @@ def test_a_failed_evaluation_names_the_image_and_keeps_the_step_it_evaluated(tmp
   with open(bad, 'wb') as f:
     f.write(b'not an image')
   workdir = str(tmp_path / 'run')
-  with pytest.raises(train.EvaluationError, match=f'at step 3 .*{bad}.*checkpoint step 3 is '
+  with pytest.raises(run_control.EvaluationError, match=f'at step 3 .*{bad}.*checkpoint step 3 is '
                      'saved'):
     train.train_and_evaluate(config, workdir)
   assert ckpt.restore_variables(workdir)[1] == 3  # Not 2, the last periodic checkpoint.

@@ -26,6 +26,7 @@ torch = pytest.importorskip('torch', reason='torch is needed for the torchvision
 from retina_jax import config as config_lib  # pylint: disable=wrong-import-position
 from retina_jax import convert  # pylint: disable=wrong-import-position
 from retina_jax import models  # pylint: disable=wrong-import-position
+from retina_jax import optim  # pylint: disable=wrong-import-position
 from retina_jax import train  # pylint: disable=wrong-import-position
 from retina_jax.data import categories  # pylint: disable=wrong-import-position
 from retina_jax.data import pipeline  # pylint: disable=wrong-import-position
@@ -242,7 +243,7 @@ def test_training_step_equals_torchvisions(sizes):
   config.batch_size = len(examples)
   # A large decay, so that decaying or not decaying the biases shows in the update.
   config.optim.update(warmup_steps=0, weight_decay=0.05)
-  lr = float(train.learning_rate_schedule(config)(0))
+  lr = float(optim.learning_rate_schedule(config)(0))
   optimizer = torch.optim.SGD([p for p in tv_model.parameters() if p.requires_grad], lr=lr,
                               momentum=config.optim.momentum,
                               weight_decay=config.optim.weight_decay)
@@ -257,7 +258,7 @@ def test_training_step_equals_torchvisions(sizes):
   loss_and_grads = jax.jit(lambda p: train.loss_and_grads(p, variables['batch_stats'], batch,
                                                           model=model, config=config))
   params = jax.tree.map(jnp.asarray, variables['params'])
-  tx = train.make_optimizer(config, params)
+  tx = optim.make_optimizer(config, params)
   opt_state = tx.init(params)
   for step in range(2):
     (_, (parts, _)), grads = loss_and_grads(params)

@@ -13,7 +13,9 @@ import pytest
 
 from retina_jax import checkpoint as ckpt
 from retina_jax import config as config_lib
+from retina_jax import metrics as metrics_lib
 from retina_jax import models
+from retina_jax import run_control
 from retina_jax import sharding as sharding_lib
 from retina_jax import train
 from retina_jax.data import pipeline
@@ -121,7 +123,7 @@ def test_sweep_value_changes_the_loss_and_lands_in_the_resolved_config(shapes_ro
 
 def test_non_finite_loss_stops_with_the_step_and_last_good_checkpoint(shapes_root, tmp_path):
   config = tiny_config(shapes_root, **{'optim.base_lr': 1e30, 'optim.warmup_steps': 0})
-  with pytest.raises(train.NonFiniteError, match=r'step \d+.*last good checkpoint'):
+  with pytest.raises(run_control.NonFiniteError, match=r'step \d+.*last good checkpoint'):
     train.train_and_evaluate(config, str(tmp_path))
   steps = ckpt.make_manager(str(tmp_path), 3).all_steps()
   for step in steps:
@@ -205,12 +207,12 @@ def test_resumed_logger_drops_what_the_killed_run_logged_after_the_checkpoint(tm
   lines = [json.dumps({'step': s, 'train/loss': 1.0 / s}) for s in range(1, 7)]
   lines.insert(3, json.dumps({'step': 3, 'eval/AP': 0.1}))
   (tmp_path / 'metrics.jsonl').write_text('\n'.join(lines) + '\n{"step": 7, "train/lo')  # Cut.
-  logger = train.MetricLogger(str(tmp_path), resume_step=4)
+  logger = metrics_lib.MetricLogger(str(tmp_path), resume_step=4)
   logger.write(5, {'loss': 0.5})
   logger.close()
   records = [json.loads(l) for l in (tmp_path / 'metrics.jsonl').read_text().splitlines()]
   assert [r['step'] for r in records] == [1, 2, 3, 3, 4, 5]
   assert records[-1] == {'step': 5, 'train/loss': 0.5}
   # A fresh run (step 0) appends to whatever is there.
-  train.MetricLogger(str(tmp_path), resume_step=0).close()
+  metrics_lib.MetricLogger(str(tmp_path), resume_step=0).close()
   assert len((tmp_path / 'metrics.jsonl').read_text().splitlines()) == 6
