@@ -8,7 +8,7 @@ at log, checkpoint and evaluation steps.
 
 import functools
 import logging
-from typing import Any
+from typing import Any, Mapping
 
 import flax
 import jax
@@ -59,10 +59,11 @@ def normalize(batch: dict[str, jax.Array], config: ml_collections.ConfigDict) ->
 
 
 def loss_and_grads(params, batch_stats, batch: dict[str, jax.Array], *, model,
-                   config: ml_collections.ConfigDict):
+                   config: ml_collections.ConfigDict,
+                   loss_hparams: Mapping[str, jax.Array] | None = None):
   """The detection loss of `batch` and its gradient by `params` (the train step's own):
   -> ((loss, (parts, new batch_stats)), grads). The anchors are a trace-time constant of the
-  batch's canvas (one compilation per canvas)."""
+  batch's canvas (one compilation per canvas). loss_hparams: `losses.detection_loss`'s."""
   anchors = make_anchors(config, batch['image'].shape[1:3])
   images = normalize(batch, config)
   trains_bn = config.model.norm == 'bn'
@@ -75,25 +76,38 @@ def loss_and_grads(params, batch_stats, batch: dict[str, jax.Array], *, model,
     else:
       outputs = model.apply(variables, images, train=True)
       new_stats = batch_stats
-    loss, parts = losses.detection_loss(outputs, batch, jnp.asarray(anchors), config)
+    loss, parts = losses.detection_loss(outputs, batch, jnp.asarray(anchors), config,
+                                        loss_hparams)
     return loss, (parts, new_stats)
 
   return jax.value_and_grad(loss_fn, has_aux=True)(params)
 
 
 def train_step(state: TrainState, batch: dict[str, jax.Array], *, model,
-               config: ml_collections.ConfigDict, tx: optax.GradientTransformation
+               config: ml_collections.ConfigDict, tx: optax.GradientTransformation,
+               hparams: Mapping[str, jax.Array] | None = None
                ) -> tuple[TrainState, dict[str, jax.Array]]:
   """One SGD step on the global batch. A non-finite loss or gradient leaves the state as it was
-  and records the step in `first_bad_step`, so nothing bad is ever written to a checkpoint."""
+  and records the step in `first_bad_step`, and no step after it updates the state, so nothing
+  bad is ever written to a checkpoint (a fused sweep's stopped member stays at its last good
+  state while the others train on).
+
+  hparams: traced numbers replacing config fields (losses.TRACED_FIELDS and
+  optim.TRACED_FIELDS by their last names; `tx` built with the same ones), a fused-sweep
+  member's under `jax.vmap`.
+  """
+  hparams = dict(hparams or {})
+  loss_hparams = {k: v for k, v in hparams.items() if k in losses.TRACED_FIELDS}
   (loss, (parts, new_stats)), grads = loss_and_grads(state.params, state.batch_stats, batch,
-                                                     model=model, config=config)
+                                                     model=model, config=config,
+                                                     loss_hparams=loss_hparams)
   with jax.named_scope('optimizer'):
     updates, new_opt_state = tx.update(grads, state.opt_state, state.params)
     new_params = optax.apply_updates(state.params, updates)
     grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+    update = finite & (state.first_bad_step < 0)
+    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(update, n, o), new, old)
     new_state = state.replace(
         step=state.step + 1,
         params=keep(new_params, state.params),
@@ -102,7 +116,7 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, model,
         first_bad_step=jnp.where((state.first_bad_step < 0) & ~finite, state.step,
                                  state.first_bad_step))
   metrics = {'loss': loss, 'grad_norm': grad_norm,
-             'learning_rate': optim.learning_rate_schedule(config)(state.step), **parts}
+             'learning_rate': optim.learning_rate_schedule(config, hparams)(state.step), **parts}
   return new_state, metrics
 
 
@@ -237,17 +251,9 @@ def evaluate_and_log(config, state: TrainState, step: int, *, workdir: str, mesh
           f'{coco_eval.format_table(eval_metrics)}', flush=True)
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
-  """Trains (resuming from the newest checkpoint in `workdir`), evaluates, returns the state.
-
-  Raises Preempted when a preemption request stopped it early (its checkpoint is saved).
-  """
-  validate_config(config)
-  run_control.make_writable_workdir(workdir)
-  mesh = sharding_lib.make_mesh(config)
-  sharding_lib.check_batch_size(config.batch_size, mesh)
-  source = pipeline.create_source(config.data, config.data.train_split)
-  categories = source.categories
+def with_categories(config: ml_collections.ConfigDict, categories) -> ml_collections.ConfigDict:
+  """A copy of `config` with the training split's categories, which evaluation, export and
+  predict read from the saved config; says what to set when the config disagrees with them."""
   if categories.num_classes != config.model.num_classes:
     raise ValueError(
         f'The training split of {config.data.name!r} has {categories.num_classes} categories '
@@ -258,6 +264,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
                      f'{config.data.name!r}; leave it empty to take the data\'s own.')
   config = ml_collections.ConfigDict(config.to_dict())
   config.categories = categories.to_json()
+  return config
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
+  """Trains (resuming from the newest checkpoint in `workdir`), evaluates, returns the state.
+
+  Raises Preempted when a preemption request stopped it early (its checkpoint is saved).
+  """
+  validate_config(config)
+  run_control.make_writable_workdir(workdir)
+  mesh = sharding_lib.make_mesh(config)
+  sharding_lib.check_batch_size(config.batch_size, mesh)
+  source = pipeline.create_source(config.data, config.data.train_split)
+  config = with_categories(config, source.categories)
 
   model = models.create_model(config, mesh)
   manager = ckpt.make_manager(workdir, config.keep_checkpoints)
