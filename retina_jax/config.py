@@ -20,8 +20,11 @@ import importlib.util
 import math
 import os
 import types
+from typing import Sequence
 
+from absl import flags
 import ml_collections
+from ml_collections import config_flags
 
 
 def get_base_config() -> ml_collections.ConfigDict:
@@ -277,6 +280,18 @@ def load_experiment(path: str) -> types.ModuleType:
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module
+
+
+def from_flags(spec: str, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
+  """The config that `python -m retina_jax.main --config=SPEC OVERRIDES...` trains with:
+  `overrides` are --config.x=y flags, parsed as ml_collections parses them on that line."""
+  argv = ['retina_jax', f'--config={spec}', *overrides]
+  values = flags.FlagValues()
+  # sys_argv: the overrides are read from it when --config is parsed.
+  config_flags.DEFINE_config_file('config', None, 'Experiment file.', flag_values=values,
+                                  lock_config=True, sys_argv=argv)
+  values(argv)
+  return values.config
 
 
 def set_by_path(config: ml_collections.ConfigDict, key: str, value) -> None:

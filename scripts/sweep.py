@@ -1,7 +1,8 @@
 """Expands an experiment file's `get_sweep(hyper)` into one training run per setting.
 
   python scripts/sweep.py experiments/focal_sweep.py[:arg] [--dry-run] [--workdir_root DIR]
-      [--pod NAME --zone ZONE] [-- extra flags for every run, e.g. --config.num_train_steps=100]
+      [--fused] [--pod NAME --zone ZONE]
+      [-- extra flags for every run, e.g. --config.num_train_steps=100]
 
 Each run gets its own workdir, DIR/<experiment>[:<arg>]/<setting name>[,<extra overrides>], and
 the same command as a single run plus the setting's `--config.x=y` overrides; re-running the
@@ -12,12 +13,18 @@ checkpoint and the evaluation after it written) are skipped; `python -m retina_j
 --workdir DIR` evaluates one again.
 Without --dry-run the runs go one after another on this machine; with --pod they are printed
 (or launched) as scripts/launch_pod.sh commands for a TPU pod.
+
+--fused trains the runs in this one process instead, side by side in one program where their
+configs differ only in numbers (`retina_jax.fused`; --dry-run prints how they group), with the
+same workdirs and the same skipping and resuming, and ends with the table of every run's AP,
+also written to DIR/<experiment>[:<arg>]/summary.md.
 """
 
 import argparse
 import hashlib
 import inspect
 import json
+import logging
 import os
 import shlex
 import subprocess
@@ -64,12 +71,16 @@ def run_name(setting: dict, extra: list[str]) -> str:
   return _safe_name(','.join(filter(None, [hyper.setting_name(setting), *overrides])))
 
 
-def commands(spec: str, workdir_root: str, extra: list[str], python: str) -> list[tuple[str, list[str]]]:
+def experiment_dir(spec: str, workdir_root: str) -> fileio.Path:
   path, _, arg = spec.partition(':')
-  experiment = _safe_name(os.path.splitext(os.path.basename(path))[0] + (f':{arg}' if arg else ''))
+  return fileio.Path(workdir_root) / _safe_name(
+      os.path.splitext(os.path.basename(path))[0] + (f':{arg}' if arg else ''))
+
+
+def commands(spec: str, workdir_root: str, extra: list[str], python: str) -> list[tuple[str, list[str]]]:
   runs = []
   for setting in load_sweep(spec):
-    workdir = str(fileio.Path(workdir_root) / experiment / run_name(setting, extra))
+    workdir = str(experiment_dir(spec, workdir_root) / run_name(setting, extra))
     cmd = [python, '-m', 'retina_jax.main', f'--config={spec}', f'--workdir={workdir}',
            *hyper.to_flags(setting), *extra]
     runs.append((workdir, cmd))
@@ -95,11 +106,43 @@ def finished_step(workdir: str) -> int | None:
   return None
 
 
+def run_fused(spec: str, workdir_root: str, extra: list[str], dry_run: bool):
+  """Every setting's config as its own command would build it, trained by `fused.run_sweep`."""
+  # Imported here: the other modes only print or launch commands and need no jax.
+  from retina_jax import fused  # pylint: disable=g-import-not-at-top
+  not_config = [a for a in extra if a.startswith('-') and not a.startswith('--config.')]
+  if not_config:
+    raise SystemExit(f'--fused takes only --config.x=y flags after --, got {not_config[0]}')
+  # Training's progress lines; orbax's several lines per checkpoint come through absl's logger.
+  logging.basicConfig(level=logging.INFO, format='%(asctime)s %(levelname)s %(message)s',
+                      force=True)  # absl, imported with jax, installed a handler of its own.
+  logging.getLogger('absl').setLevel(logging.WARNING)
+  members = {}  # By workdir: a setting listed twice (Table 1a's and 1b's CE run) trains once.
+  for setting, (workdir, _) in zip(load_sweep(spec),
+                                   commands(spec, workdir_root, extra, sys.executable)):
+    members.setdefault(workdir, setting)
+  workdirs = list(members)
+  configs = [config_lib.from_flags(spec, [*hyper.to_flags(s), *extra]) for s in members.values()]
+  skip = [finished_step(w) is not None for w in workdirs]
+  for workdir, skipped in zip(workdirs, skip):
+    print(f'{workdir}{": finished and evaluated, skipped" if skipped else ""}', flush=True)
+  if dry_run:
+    todo = [i for i, s in enumerate(skip) if not s]
+    groups, why = fused.plan([configs[i] for i in todo], [workdirs[i] for i in todo])
+    print(f'{why}:\n' + '\n'.join(
+        f'  group {g + 1}: ' + ', '.join(fileio.Path(workdirs[todo[j]]).name for j in group)
+        for g, group in enumerate(groups)), flush=True)
+    return
+  fused.run_sweep(configs, workdirs, str(experiment_dir(spec, workdir_root)), skip)
+
+
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   parser.add_argument('experiment', help='experiments/<file>.py[:arg]')
   parser.add_argument('--dry-run', action='store_true', help='print the runs, start nothing')
   parser.add_argument('--workdir_root', default='workdirs')
+  parser.add_argument('--fused', action='store_true',
+                      help='train the runs in this process, in one program where they can be')
   parser.add_argument('--pod', default='', help='TPU VM name: run through scripts/launch_pod.sh')
   parser.add_argument('--zone', default='')
   argv = sys.argv[1:] if argv is None else list(argv)
@@ -107,6 +150,11 @@ def main(argv=None):
   # argument is taken, and would read flags of the training command as its own.
   extra = argv[argv.index('--') + 1:] if '--' in argv else []
   args = parser.parse_args(argv[:argv.index('--')] if '--' in argv else argv)
+  if args.fused:
+    if args.pod:
+      raise SystemExit('--fused runs on this machine; --pod launches separate runs only')
+    run_fused(args.experiment, args.workdir_root, extra, args.dry_run)
+    return
   python = sys.executable if not args.pod else 'python3'
   runs = commands(args.experiment, args.workdir_root, extra, python)
   launcher = os.path.join(os.path.dirname(__file__), 'launch_pod.sh')

@@ -5,6 +5,8 @@ members that cannot share one program are split into groups naming why."""
 import json
 import logging
 import os
+import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -13,6 +15,11 @@ import pytest
 from retina_jax import checkpoint as ckpt
 from retina_jax import fused
 from retina_jax import train
+from tests.test_train import DEMO
+from tests.test_train import ROOT
+from tests.test_train import TINY
+from tests.test_train import command_line
+from tests.test_train import env_with_devices
 from tests.test_train import read_metrics
 from tests.test_train import shapes_root  # pylint: disable=unused-import (a fixture)
 from tests.test_train import tiny_config
@@ -129,3 +136,35 @@ def test_members_that_change_the_program_or_the_stream_are_split(shapes_root, tm
   assert 'config.anchors.sizes' in why and 'config.seed' in why and '3 fused groups' in why
   with pytest.raises(ValueError, match=r'differ in config\.anchors\.sizes$'):
     fused.train_and_evaluate(configs[1:3], [str(tmp_path / 'a'), str(tmp_path / 'b')])
+
+
+def test_one_command_trains_the_demo_sweep_fused_and_a_rerun_skips_it(shapes_root, tmp_path):
+  """scripts/sweep.py --fused on the demo's Table 1b sweep (5 members, tiny and short): one
+  workdir per member with its own config, evaluation and the AP table; run again, it skips
+  every finished member and trains nothing."""
+  overrides = {**TINY, 'data.root': shapes_root, 'num_train_steps': 2, 'data.image_size': 64,
+               'data.min_size': 64, 'data.max_size': 64}
+  command = [sys.executable, os.path.join(ROOT, 'scripts', 'sweep.py'), DEMO, '--fused',
+             '--workdir_root', str(tmp_path), '--', *command_line(overrides, '')[5:]]
+  first = subprocess.run(command, capture_output=True, text=True, cwd=ROOT,
+                         env=env_with_devices(1))
+  assert first.returncode == 0, first.stderr[-3000:]
+  assert '5 members fused in one program' in first.stderr
+  sweep_dir = tmp_path / 'shapes_demo'
+  workdirs = sorted(p for p in sweep_dir.iterdir() if p.is_dir())
+  gammas = []
+  for workdir in workdirs:
+    gammas.append(json.loads((workdir / 'config.json').read_text())['loss']['gamma'])
+    assert 'AP' in json.loads((workdir / 'metrics_validation.json').read_text())
+  assert sorted(gammas) == [0.0, 0.5, 1.0, 2.0, 5.0]
+  table = (sweep_dir / 'summary.md').read_text()
+  assert table in first.stdout and len(table.strip().splitlines()) == 2 + 5
+  summary = json.loads((sweep_dir / 'summary.json').read_text())
+  assert set(summary) == {w.name for w in workdirs}
+  again = subprocess.run(command, capture_output=True, text=True, cwd=ROOT,
+                         env=env_with_devices(1))
+  assert again.returncode == 0, again.stderr[-3000:]
+  assert again.stdout.count('finished and evaluated, skipped') == 5
+  assert 'Compiling' not in again.stderr and again.stdout.count('finished before: skipped') == 5
+  assert ({k: v['metrics'] for k, v in summary.items()} ==
+          {k: v['metrics'] for k, v in json.loads((sweep_dir / 'summary.json').read_text()).items()})
