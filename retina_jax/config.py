@@ -177,6 +177,10 @@ def get_base_config() -> ml_collections.ConfigDict:
   # image's feature-map rows split over N chips (images too large, or pods too wide, for one
   # image per chip); config.batch_size then counts images over chips / N data shards.
   config.mesh.model_parallelism = 1
+  # Fused sweeps (scripts/sweep.py --fused) only: size of the 'sweep' axis that the members are
+  # spread over (it must divide their number); each member's batch goes over the 'data' axis of
+  # the rest, so sweep x data x model = devices.
+  config.mesh.sweep_parallelism = 1
 
   return config
 

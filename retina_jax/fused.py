@@ -78,9 +78,14 @@ def hparams(configs: Sequence[ml_collections.ConfigDict]) -> dict[str, np.ndarra
           for path in FUSED_FIELDS}
 
 
-def stacked_sharding(mesh) -> jax.sharding.NamedSharding:
-  """Arrays with a leading member axis: [M, ...], replicated over the mesh."""
-  return sharding_lib.replicated(mesh)
+def make_mesh(config: ml_collections.ConfigDict, num_members: int, devices=None):
+  """The fused mesh: members over 'sweep' (config.mesh.sweep_parallelism), each member's batch
+  over 'data'."""
+  sweep = config.mesh.sweep_parallelism
+  if num_members % sweep:
+    raise ValueError(f'config.mesh.sweep_parallelism={sweep} must divide the number of fused '
+                     f'members ({num_members})')
+  return sharding_lib.make_mesh(config, devices, sweep=sweep)
 
 
 def make_train_step(config: ml_collections.ConfigDict, model, mesh):
@@ -93,8 +98,11 @@ def make_train_step(config: ml_collections.ConfigDict, model, mesh):
     return train.train_step(state, batch, model=model, config=config, tx=tx,
                             hparams=member_hparams)
 
-  stacked = stacked_sharding(mesh)
-  return jax.jit(jax.vmap(member_step, in_axes=(0, None, 0)),
+  stacked = sharding_lib.member_sharding(mesh)
+  # spmd_axis_name: the model's own sharding constraints (spatial partitioning) then keep the
+  # member axis split over 'sweep' too.
+  sweep_axis = sharding_lib.SWEEP_AXIS if sharding_lib.SWEEP_AXIS in mesh.axis_names else None
+  return jax.jit(jax.vmap(member_step, in_axes=(0, None, 0), spmd_axis_name=sweep_axis),
                  in_shardings=(stacked, sharding_lib.batch_sharding(mesh), stacked),
                  out_shardings=(stacked, stacked), donate_argnums=(0,))
 
@@ -102,7 +110,7 @@ def make_train_step(config: ml_collections.ConfigDict, model, mesh):
 def stack(states: Sequence[Any], mesh) -> Any:
   """Member states -> one state with a leading member axis."""
   return jax.jit(lambda *s: jax.tree.map(lambda *x: jnp.stack(x), *s),
-                 out_shardings=stacked_sharding(mesh))(*states)
+                 out_shardings=sharding_lib.member_sharding(mesh))(*states)
 
 
 def member(states: Any, m: int) -> Any:
@@ -140,7 +148,7 @@ def train_and_evaluate(configs: Sequence[ml_collections.ConfigDict], workdirs: S
   for config, workdir in zip(configs, workdirs):
     train.validate_config(config)
     run_control.make_writable_workdir(workdir)
-  mesh = sharding_lib.make_mesh(configs[0])
+  mesh = make_mesh(configs[0], len(configs))
   sharding_lib.check_batch_size(configs[0].batch_size, mesh)
   source = pipeline.create_source(configs[0].data, configs[0].data.train_split)
   members = [_Member(train.with_categories(c, source.categories), w)
@@ -168,7 +176,8 @@ def train_and_evaluate(configs: Sequence[ml_collections.ConfigDict], workdirs: S
                start_step, total, 'fresh' if fresh else 'resumed',
                ', '.join(m.name for m in members))
   step_fn = make_train_step(config, model, mesh)
-  numbers = jax.device_put(hparams([m.config for m in members]), stacked_sharding(mesh))
+  numbers = jax.device_put(hparams([m.config for m in members]),
+                           sharding_lib.member_sharding(mesh))
   loader = pipeline.TrainLoader(source, config.data, config.batch_size, config.seed,
                                 process_index=jax.process_index(),
                                 process_count=jax.process_count())

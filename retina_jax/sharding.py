@@ -16,15 +16,29 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 DATA_AXIS = 'data'
 MODEL_AXIS = 'model'
+SWEEP_AXIS = 'sweep'
 
 
-def make_mesh(config: ml_collections.ConfigDict, devices=None) -> Mesh:
+def make_mesh(config: ml_collections.ConfigDict, devices=None, sweep: int = 1) -> Mesh:
+  """('data', 'model') over every device; a fused sweep's mesh (`sweep` > 1) has a leading
+  'sweep' axis of that size, which the members are split over."""
   devices = np.asarray(jax.devices() if devices is None else devices)
   model = config.mesh.model_parallelism
-  if devices.size % model:
+  if devices.size % (model * sweep):
     raise ValueError(f'{devices.size} devices cannot be split into a model axis of {model} '
-                     '(config.mesh.model_parallelism)')
-  return Mesh(devices.reshape(devices.size // model, model), (DATA_AXIS, MODEL_AXIS))
+                     '(config.mesh.model_parallelism)' + (
+                         f' and a sweep axis of {sweep} (config.mesh.sweep_parallelism)'
+                         if sweep > 1 else ''))
+  if sweep == 1:
+    return Mesh(devices.reshape(devices.size // model, model), (DATA_AXIS, MODEL_AXIS))
+  return Mesh(devices.reshape(sweep, devices.size // (model * sweep), model),
+              (SWEEP_AXIS, DATA_AXIS, MODEL_AXIS))
+
+
+def member_sharding(mesh: Mesh) -> NamedSharding:
+  """A fused sweep's arrays with a leading member axis [M, ...]: split over 'sweep' where the
+  mesh has it, replicated otherwise."""
+  return NamedSharding(mesh, P(SWEEP_AXIS) if SWEEP_AXIS in mesh.axis_names else P())
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:

@@ -168,3 +168,39 @@ def test_one_command_trains_the_demo_sweep_fused_and_a_rerun_skips_it(shapes_roo
   assert 'Compiling' not in again.stderr and again.stdout.count('finished before: skipped') == 5
   assert ({k: v['metrics'] for k, v in summary.items()} ==
           {k: v['metrics'] for k, v in json.loads((sweep_dir / 'summary.json').read_text()).items()})
+
+
+def test_members_spread_over_a_sweep_axis_keep_their_numbers(shapes_root, fused_run):
+  """2 members x 2-way data parallel on 4 devices, the state split over 'sweep': the first step
+  gives the losses and parameters of the same members replicated over a 4-way data axis (the
+  fused run above, whose step 1 is checkpointed)."""
+  from retina_jax import models  # pylint: disable=g-import-not-at-top
+  from retina_jax import sharding as sharding_lib  # pylint: disable=g-import-not-at-top
+  from retina_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  workdirs, _, _ = fused_run
+  names = list(MEMBERS)[1:]
+  configs = _configs(shapes_root, {n: MEMBERS[n] for n in names})
+  for config in configs:
+    config.mesh.sweep_parallelism = 2
+  mesh = fused.make_mesh(configs[0], len(configs))
+  assert dict(mesh.shape) == {'sweep': 2, 'data': 2, 'model': 1}
+  model = models.create_model(configs[0], mesh)
+  state, _ = train.create_train_state(configs[0], model, mesh)
+  states = fused.stack([state] * len(configs), mesh)
+  source = pipeline.create_source(configs[0].data, configs[0].data.train_split)
+  loader = pipeline.TrainLoader(source, configs[0].data, configs[0].batch_size, 0)
+  batch = sharding_lib.to_global(train.train_inputs(loader.batch(0)), mesh)
+  numbers = jax.device_put(fused.hparams(configs), sharding_lib.member_sharding(mesh))
+  states, metrics = fused.make_train_step(configs[0], model, mesh)(states, batch, numbers)
+  leaf = jax.tree.leaves(states.params)[0]
+  assert leaf.sharding.spec[0] == 'sweep'
+  assert {s.data.shape[0] for s in leaf.addressable_shards} == {1}  # One member per shard.
+  for m, name in enumerate(names):
+    workdir = workdirs[list(MEMBERS).index(name)]
+    np.testing.assert_allclose(float(metrics['loss'][m]), read_metrics(workdir)[0]['train/loss'],
+                               rtol=1e-5)
+    want, _ = ckpt.restore_variables(workdir, 1)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
+                 jax.device_get(fused.member(states, m).params), want['params'])
+  with pytest.raises(ValueError, match='sweep_parallelism=2 must divide'):
+    fused.make_mesh(configs[0], 3)
