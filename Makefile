@@ -32,7 +32,7 @@ demo: $(STAMP)
 	$(BIN)/python -m retina_jax.main --config experiments/smoke/shapes_demo.py --workdir workdirs/demo
 
 test: $(STAMP_TORCH) $(STAMP_TPU)
-	$(BIN)/python -m pytest -n 2 --dist loadfile $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -n 2 --dist loadfile --durations=30 $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) workdirs

@@ -119,7 +119,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   # of the float image, floor() sides, per-axis box ratios; float32 to the device).
   config.data.resize = 'pil'
   # Square bucket every image is padded into: a multiple of 32 (the stride of C5); 128-multiples
-  # (1408 holds 1333) tile P7 exactly, as SPEC section 5 suggests.
+  # (1408 holds 1333) tile P7, whose stride is 128, exactly.
   config.data.image_size = 1408
   config.data.max_boxes = 100  # Ground-truth slots per image; extra objects are dropped, counted.
   # Evaluation / prediction canvas: 'orientation' pads landscape and portrait images into the
@@ -127,7 +127,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   # into image_size x image_size as training does, 'torchvision' into the image's own resized
   # sides rounded up to multiples of 32 (one compilation per canvas; pipeline.canvas_for).
   config.data.eval_buckets = 'orientation'
-  # Training canvas: 'square' (image_size x image_size, SPEC section 5) or 'orientation' (every
+  # Training canvas: 'square' (image_size x image_size) or 'orientation' (every
   # global batch landscape or portrait, in the canvases above: ~1.8x fewer pixels on COCO;
   # needs the image sizes before decoding, i.e. coco_format / shapes; tfds falls back to square).
   # 'torchvision' also works here (batches grouped by canvas, as in evaluation).
@@ -248,7 +248,7 @@ def set_schedule(config: ml_collections.ConfigDict, sched: str, batch_size: int)
 
 def set_scale(config: ml_collections.ConfigDict, res: int):
   """Shorter side `res` with the paper's longer-side cap (1333 at 800, same ratio elsewhere),
-  padded into the smallest square bucket that is a multiple of 128 (SPEC section 5; any multiple
+  padded into the smallest square bucket that is a multiple of 128 (P7's stride; any multiple
   of 32 works, e.g. --config.data.image_size=1344, with P6/P7 grids of ceil(side / stride))."""
   config.data.min_size = res
   config.data.max_size = int(round(res * 1333 / 800))
@@ -287,7 +287,7 @@ def load_experiment(path: str) -> types.ModuleType:
 
 
 def from_flags(spec: str, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
-  """The config that `python -m retina_jax.main --config=SPEC OVERRIDES...` trains with:
+  """The config that `python -m retina_jax.main --config=FILE[:ARG] OVERRIDES...` trains with:
   `overrides` are --config.x=y flags, parsed as ml_collections parses them on that line."""
   argv = ['retina_jax', f'--config={spec}', *overrides]
   values = flags.FlagValues()

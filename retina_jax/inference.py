@@ -1,6 +1,6 @@
 """The detector as one jitted function, and the step back to original-image pixels.
 
-Order of the box operations from model output to COCO file (SPEC section 7 asks to say it):
+Order of the box operations from model output to COCO file:
   1. `postprocess` decodes the deltas against the anchors and clips the boxes to the valid
      resized region `image_hw` of the padded image BEFORE the score threshold, top-k and NMS,
      so that NMS compares the boxes that are finally reported (torchvision and detectron2 clip

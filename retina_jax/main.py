@@ -27,7 +27,7 @@ from retina_jax import run_control
 from retina_jax import train
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment file, e.g. '
-                                          'experiments/retinanet_r50_coco.py:800_1x',
+                                          'experiments/retinanet_r50_coco.py:res=800,sched=1x',
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints, metrics and the '
                                'resolved config; re-running with it resumes.')
