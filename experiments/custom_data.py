@@ -19,20 +19,17 @@ Arguments:
   backbone  tiny (CPU-sized, as the demo), resnet18 (default) or resnet50.
   init      converted ImageNet weights (scripts/convert_torchvision.py) for the backbone:
             frozen batch norm, stem and res2 frozen, SGD as the paper. Without it, from
-            scratch: GroupNorm, nothing frozen, AdamW (the demo's finding).
+            scratch: GroupNorm, nothing frozen, AdamW (as the demo; benchmarks/RESULTS.md says why).
 
-Augmentation (why these: benchmarks/RESULTS.md, "Small data"): the horizontal flip, scale
-jitter 0.5-1.5 with random crops and a photometric distortion of brightness, contrast and
-saturation. On 100 shapes images the flip alone reached AP 61.8 on its training images and 2.2
-on validation; scale jitter alone 6.5 (with multi-scale's 6.4 the largest gain among what
-suits any imagery),
-photometric alone 3.5, vertical flips with quarter turns 7.8 (shapes, like overhead imagery,
-look the same turned), everything together 6.7. Hue is left out: it costs the input pipeline
-most (an HSV round trip per image) and colour may be what tells a user's classes apart.
-Vertical flips and quarter turns suit overhead imagery only: add
+Augmentation: the horizontal flip, scale jitter 0.5-1.5 with random crops and a photometric
+distortion of brightness, contrast and saturation. On a small data set the flip alone memorises
+the training images; scale jitter is the largest gain that suits any imagery (the measurements:
+benchmarks/RESULTS.md, "Small data"). Hue is left out: it costs the input pipeline most (an
+HSV round trip per image) and colour may be what tells a user's classes apart. Vertical flips
+and quarter turns suit overhead imagery only: add
 `--config.data.random_vflip=True --config.data.random_rot90=True` there. Augmented training
-needs more steps (training-set AP fell to 8-21 at the 600 steps of that table), hence 3000 by
-default, with the best checkpoint by validation AP kept so that a long run cannot lose it.
+needs more steps than the flip alone, hence 3000 by default, with the best checkpoint by
+validation AP kept so that a long run cannot lose it.
 """
 
 from retina_jax import config as config_lib
