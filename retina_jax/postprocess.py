@@ -30,10 +30,8 @@ def _greedy_nms(boxes, scores, valid, iou_threshold, labels, max_output):
   NMS finds survivors in descending score order, so at M = 5000 candidates it runs <= 100 cheap
   steps instead of a 5000-step loop or a 5000 x 5000 IoU matrix (100 MB). Tiled schemes (TF's
   non_max_suppression_padded) need the full suppression pass before they can rank the
-  survivors, which is more work when only the top 100 are wanted. Measured on a shared 2-core
-  CPU, 5000 boxes with 80 labels: 5-8 ms for the best 100, 250-330 ms to run to the end (most
-  boxes survive, so ~5000 steps); the whole postprocess of an 800x1344 image (K = 80) takes
-  ~14 ms (benchmarks/postprocess_speed.py).
+  survivors, which is more work when only the top 100 are wanted (the times of both:
+  benchmarks/RESULTS.md, from benchmarks/postprocess_speed.py).
 
   Args:
     boxes: [M, 4] (x1, y1, x2, y2) pixels.
@@ -101,7 +99,7 @@ def _level_candidates(best_scores, logits, deltas, anchors, start, n, hw, post_c
 
   The result equals torchvision's "sigmoid, flatten (anchor, class), keep > threshold, top-k"
   with ties ranked by flat index, but is found in two stages, because one top-k over all
-  n * K pairs of P3 (12M at 800x1344, K = 80) costs ~80 ms on CPU:
+  n * K pairs of P3 (12M at 800x1344, K = 80) is the slowest op of post-processing on CPU:
   1. the k best anchors by their best class score (a top-k over n). Every pair of the global
      top-k belongs to one of them: if anchor a were not among them, k other anchors would each
      own a pair ranking ahead of every pair of a.

@@ -136,8 +136,8 @@ def create_train_state(config, model, mesh, tx_fn=optim.make_optimizer, pretrain
 
   pretrained=False skips `config.init_from`: a resumed run overwrites every array anyway.
   """
-  # rbg keys: initialising with threefry compiles ~3x slower on CPU, and init draws no key
-  # that training reuses.
+  # rbg keys: initialisation compiles faster with them than with threefry on CPU, and init
+  # draws no key that training reuses.
   rng = jax.random.key(config.seed, impl='rbg')
   variables = init_variables(config, model, rng, pretrained)  # Jitted inside.
   tx = tx_fn(config, variables['params'])
