@@ -41,7 +41,9 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.keep_best_by = ''
   config.eval_every_steps = 10_000
   config.log_every_steps = 50
-  config.eval_batch_size = 8  # Global.
+  # Global; 0: the smallest multiple of the data-parallel size and of the hosts that is at least
+  # 8 (sizes.default_eval_batch_size), which every pod splits; the last batch is padded.
+  config.eval_batch_size = 0
   config.init_from = ''  # Converted ImageNet or RetinaNet parameters (scripts/convert_torchvision.py).
   config.num_demo_pictures = 0  # Pictures of eval predictions written at the end of training.
   # Label <-> category id map as CategoryMap JSON; '' takes the training data's own. Training

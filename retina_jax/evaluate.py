@@ -19,12 +19,15 @@ Every host runs the same command; each evaluates its share of the images, the de
 gathered to every host and each image counts once (retina_jax.evaluation.evaluator).
 """
 
+import sys
+
 from absl import app
 from absl import flags
 import jax
 
 from retina_jax import cli
 from retina_jax import saved_config
+from retina_jax import sizes
 from retina_jax.evaluation import coco_eval
 from retina_jax.evaluation import evaluator
 
@@ -47,6 +50,10 @@ def main(fl, argv):
   if not workdir and not params:
     raise app.UsageError('Give --workdir (newest checkpoint) or --params (exported).')
   config = fl['config'].value
+  try:
+    config = sizes.with_eval_batch(config, sizes.check_here(config, train=False).eval_batch_size)
+  except sizes.SizeError as e:
+    sys.exit(f'evaluate: {e}')
   if params:
     variables = saved_config.load_params(params)
     what = params

@@ -70,6 +70,7 @@ from retina_jax import fileio
 from retina_jax import inference
 from retina_jax import saved_config
 from retina_jax import saved_model
+from retina_jax import sizes
 from retina_jax.data import pipeline
 from retina_jax.data.categories import CategoryMap
 
@@ -218,6 +219,10 @@ def main(fl, argv):
     raise app.UsageError('--workdir and --out are required.')
   from retina_jax import checkpoint  # pylint: disable=g-import-not-at-top
   config = fl['config'].value
+  try:
+    sizes.check_here(config, train=False, evaluate=False, export_batch=fl['batch_size'].value)
+  except sizes.SizeError as e:
+    sys.exit(f'export: {e}')
   variables, step = checkpoint.restore_variables(
       fl['workdir'].value, checkpoint.parse_checkpoint_flag(fl['checkpoint'].value))
   categories = saved_config.resolve_categories(config, fl['workdir'].value)

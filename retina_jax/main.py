@@ -24,6 +24,7 @@ from retina_jax import checkpoint
 from retina_jax import cli
 from retina_jax import hosts
 from retina_jax import run_control
+from retina_jax import sizes
 from retina_jax import train
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment file, e.g. '
@@ -95,6 +96,11 @@ def main(argv):
   logging.info('JAX process %d of %d, %d local / %d global devices (%s)', jax.process_index(),
                jax.process_count(), jax.local_device_count(), jax.device_count(),
                jax.default_backend())
+  try:
+    sizes.check_here(_CONFIG.value)
+  except sizes.SizeError as e:  # The same on every host, before any collective: one line, 1.
+    logging.error('%s', e)
+    _exit_now(1)
   watchdog = (hosts.PeerWatchdog(_HOST_TIMEOUT.value, on_lost=_host_lost)
               if jax.process_count() > 1 else None)
   try:

@@ -27,6 +27,7 @@ from retina_jax import optim
 from retina_jax import pretrained as pretrained_lib
 from retina_jax import run_control
 from retina_jax import sharding as sharding_lib
+from retina_jax import sizes
 from retina_jax.data import pipeline
 from retina_jax.evaluation import coco_eval
 from retina_jax.evaluation import evaluator
@@ -201,9 +202,7 @@ def make_train_step(config, model, tx, mesh):
 
 
 def validate_config(config: ml_collections.ConfigDict):
-  if config.data.image_size % anchors_lib.SIZE_MULTIPLE:
-    raise ValueError(f'config.data.image_size={config.data.image_size} must be a multiple of '
-                     f'{anchors_lib.SIZE_MULTIPLE} (the stride of C5)')
+  sizes.check_canvases(config.data)
   if len(config.anchors.sizes) != config.model.max_level - config.model.min_level + 1:
     raise ValueError('config.anchors.sizes needs one base size per level '
                      f'P{config.model.min_level}..P{config.model.max_level}')
@@ -231,6 +230,8 @@ def evaluate_and_log(config, state: TrainState, step: int, *, workdir: str, mesh
                      best_manager):
   """Evaluates `state` as the state of `step`, which is checkpointed already (the save completes
   before a failure here leaves train_and_evaluate), logs the numbers and keeps the best."""
+  config = sizes.with_eval_batch(config, sizes.eval_batch_size(
+      config, mesh.shape[sharding_lib.DATA_AXIS], jax.process_count()))
   variables = {'params': state.params, 'batch_stats': state.batch_stats}
   try:
     eval_metrics = evaluator.evaluate_variables(config, variables, workdir, mesh=mesh)
@@ -274,8 +275,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   """
   validate_config(config)
   run_control.make_writable_workdir(workdir)
+  sizes.check_here(config)
   mesh = sharding_lib.make_mesh(config)
-  sharding_lib.check_batch_size(config.batch_size, mesh)
   source = pipeline.create_source(config.data, config.data.train_split)
   config = with_categories(config, source.categories)
 
