@@ -1,10 +1,23 @@
-"""Multi-process runs: a lost process stops the others within a bound, and says which it was.
+"""Multi-process runs: every process ends with a code that says what happened to the run, and
+every log says why.
 
-When a process dies, the others hang in their next collective. jax's coordination service
-notices only after `heartbeat_timeout_seconds` and then aborts every other process (SIGABRT,
-exit 134) under pages of its logs. `PeerWatchdog` instead has every process count its own beats
-in the service's key-value store; when a peer's count stops moving for `timeout_s`, it calls
-`on_lost` with one line naming that peer (main.py logs it and exits with a documented code).
+Left alone, a multi-process run ends badly either way. When a process dies, the others hang in
+their next collective until jax's coordination service notices (`heartbeat_timeout_seconds`)
+and aborts them (SIGABRT, exit 134) under pages of its logs. When a process fails with an error
+that a restart would repeat, its peers hang the same way; and when every process fails at once
+(a config that the pod cannot run), each one that goes quiet looks lost to the others.
+
+`PeerWatchdog` keeps two keys per process k in the service's key-value store:
+  retina_jax/alive/<k>   a count that moves every `period` seconds while k runs; 'done' once k
+                         ended on its own terms (finished, preempted); 'exit' once it stopped
+                         after a failure (its own or a peer's) and beats no more.
+  retina_jax/failed/<k>  k's error, on one line.
+A process whose work raised publishes failed/<k> (`fail`), keeps beating, and waits until every
+peer has settled: failed too, done, stopped, or lost. A peer that sees failed/<k> stops too,
+naming k and its error. Both exit 1 (`EXIT_FAILED`: a restart would repeat it), within seconds
+when every process is alive. Only a peer without a beat for `timeout_s` (killed, hung,
+unreachable) is lost: the others stop naming it and exit 75 (`EXIT_HOST_LOST`: restart them
+all). Process 0 leaves last: the service lives in it, and the others' last reads go through it.
 The service's own heartbeat timeout is kept longer, as a backstop.
 """
 
@@ -12,70 +25,151 @@ import threading
 import time
 from typing import Callable
 
+from absl import logging
 import jax
 # The coordination service's client: jax 0.10 has no public handle to its key-value store
 # (orbax reaches it the same way).
 from jax._src import distributed as jax_distributed
 
-_PREFIX = 'retina_jax/alive/'
+EXIT_FAILED = 1
+# EX_TEMPFAIL: another process was lost; this one stopped without saving. Restart them all.
+EXIT_HOST_LOST = 75
+
+_ALIVE = 'retina_jax/alive/'
+_FAILED = 'retina_jax/failed/'
 _DONE = 'done'
+_EXIT = 'exit'
+_MAX_LINE = 1000  # Characters of an error kept in the store (each peer logs it).
+
+
+def one_line(error: BaseException) -> str:
+  """`error` and what caused it, on one line: 'ValueError: msg (caused by OSError: msg)'."""
+  parts = []
+  while error is not None and len(parts) < 3:
+    text = (str(error).strip().splitlines() or [''])[0]
+    parts.append(f'{type(error).__name__}: {text}' if text else type(error).__name__)
+    error = error.__cause__ or (None if error.__suppress_context__ else error.__context__)
+  return ' (caused by '.join(parts) + ')' * (len(parts) - 1)
 
 
 class PeerWatchdog:
-  """Beats every `timeout_s / 10` seconds (at least 1) in a daemon thread; `stop()` when this
-  process ends on its own terms, so that its peers do not count it as lost."""
+  """Beats and watches the peers in a daemon thread, which ends the process (`exit_now(code)`)
+  when a peer failed or was lost, or after `fail()`. `stop()` when this process ends on its own
+  terms, so that its peers do not count it as lost."""
 
-  def __init__(self, timeout_s: float, on_lost: Callable[[str], None]):
+  def __init__(self, timeout_s: float, exit_now: Callable[[int], None]):
     self._client = jax_distributed.global_state.client
     self._me, self._count = jax.process_index(), jax.process_count()
     self._timeout_s = timeout_s
-    self._on_lost = on_lost
+    # At least a beat a second, whatever the timeout: a failure reaches every peer in seconds.
+    self._period = min(1.0, timeout_s / 5)
+    self._exit_now = exit_now
     self._stopped = threading.Event()
-    self._silent = threading.Event()
-    threading.Thread(target=self._run, name='retina_jax-peer-watchdog', daemon=True).start()
+    self._failed = threading.Event()  # This process failed: fail() published it.
+    self._stopping = threading.Event()  # A failure or a loss is being settled.
+    self._thread = threading.Thread(target=self._run, name='retina_jax-peer-watchdog',
+                                    daemon=True)
+    self._thread.start()
+
+  @property
+  def stopping(self) -> bool:
+    """Whether a peer's failure or loss (or this process's own) already ends this process."""
+    return self._stopping.is_set()
+
+  def fail(self, line: str):
+    """After an error in this process, logged: publishes `line` to the peers and waits while
+    the watchdog's thread settles with them and ends the process. A peer that failed or was
+    lost first is the cause: then `line` is not published. Returns only if that thread is gone
+    (the process had stopped its watchdog)."""
+    if not self._stopping.is_set():
+      try:
+        self._client.key_value_set(f'{_FAILED}{self._me}', line[:_MAX_LINE],
+                                   allow_overwrite=True)
+      except Exception:  # pylint: disable=broad-except
+        pass  # The coordinator is gone: the watchdog's thread says so and ends the process.
+    self._failed.set()
+    self._thread.join(self._timeout_s + 10 * self._period)
+
+  def stop(self):
+    if self._stopping.is_set():  # A peer failed or was lost: its code, not this one's, ends.
+      self._thread.join(self._timeout_s + 10 * self._period)
+    self._stopped.set()
+    try:
+      self._client.key_value_set(f'{_ALIVE}{self._me}', _DONE, allow_overwrite=True)
+    except Exception:  # pylint: disable=broad-except
+      pass  # The coordinator is gone too: nobody is left to be told.
+
+  def _read(self, prefix: str) -> dict[int, str]:
+    return {int(key.rsplit('/', 1)[-1]): value
+            for key, value in self._client.key_value_dir_get(prefix)}
 
   def _run(self):
     beat = 0
     seen = {}  # Peer -> (its last value, local time it last changed).
-    while not self._stopped.wait(max(1.0, self._timeout_s / 10)):
+    named = set()  # Peers whose failure or loss this process has logged.
+    code, give_up, beating = None, None, True
+    peers = [p for p in range(self._count) if p != self._me]
+    while not self._stopped.wait(self._period):
       beat += 1
       try:
-        if not self._silent.is_set():
-          self._client.key_value_set(f'{_PREFIX}{self._me}', str(beat), allow_overwrite=True)
-        values = {key.rsplit('/', 1)[-1]: value
-                  for key, value in self._client.key_value_dir_get(_PREFIX)}
+        if beating:
+          self._client.key_value_set(f'{_ALIVE}{self._me}', str(beat), allow_overwrite=True)
+        alive, failed = self._read(_ALIVE), self._read(_FAILED)
       except Exception as e:  # pylint: disable=broad-except
         if not self._stopped.is_set():
-          self._on_lost(f'Lost contact with the coordinator (process 0 of {self._count}): '
-                        f'{(str(e).strip().splitlines() or [repr(e)])[0]}. {self._what_to_do()}')
+          logging.error('Lost contact with the coordinator (process 0 of %d): %s. %s',
+                        self._count, (str(e).strip().splitlines() or [repr(e)])[0],
+                        self._restart_all())
+          self._exit_now(EXIT_HOST_LOST)
         return
       now = time.monotonic()
-      for peer in range(self._count):
-        value = values.get(str(peer))
-        if peer == self._me or value == _DONE:
+      lost = {}
+      for peer in peers:
+        value = alive.get(peer)
+        if value in (_DONE, _EXIT) or peer in failed:
           continue
         if peer not in seen or seen[peer][0] != value:
           seen[peer] = (value, now)
-        elif now - seen[peer][1] > self._timeout_s and not self._stopped.is_set():
-          self._on_lost(f'Lost process {peer} of {self._count}: no sign of life for '
-                        f'{now - seen[peer][1]:.0f} s (killed, out of memory, or its host '
-                        f'failed: see its log). {self._what_to_do()}')
-          return
+        elif now - seen[peer][1] > self._timeout_s:
+          lost[peer] = now - seen[peer][1]
 
-  def _what_to_do(self) -> str:
+      for peer in sorted(set(failed) - named - {self._me}):
+        named.add(peer)
+        if self._failed.is_set():
+          logging.error('Process %d of %d failed too: %s', peer, self._count, failed[peer])
+        else:
+          logging.error('Process %d of %d failed: %s. Process %d stops too; process %d\'s log '
+                        'has the details.', peer, self._count, failed[peer], self._me, peer)
+      for peer in sorted(set(lost) - named):
+        named.add(peer)
+        logging.error('Lost process %d of %d: no sign of life for %.0f s (killed, hung, out of '
+                      'memory, or its host failed: see its log). %s', peer, self._count,
+                      lost[peer], self._restart_all())
+      if lost:
+        code = EXIT_HOST_LOST
+      elif code is None and (self._failed.is_set() or set(failed) - {self._me}):
+        code = EXIT_FAILED
+      if code is None:
+        continue
+
+      if give_up is None:
+        self._stopping.set()
+        # Bounds the wait for peers that neither settle nor go quiet (none should).
+        give_up = now + self._timeout_s + 5 * self._period
+      settled = all(alive.get(p) in (_DONE, _EXIT) or p in failed or p in lost for p in peers)
+      # A failing process beats on until its peers have seen its failure; any other one is
+      # settled at once and says so.
+      if beating and (settled or not self._failed.is_set() or now > give_up):
+        beating = False
+        try:
+          self._client.key_value_set(f'{_ALIVE}{self._me}', _EXIT, allow_overwrite=True)
+        except Exception:  # pylint: disable=broad-except
+          pass  # The coordinator is gone: nobody is left to be told.
+      gone = all(alive.get(p) in (_DONE, _EXIT) or p in lost for p in peers)
+      if not beating and ((settled and self._me != 0) or gone or now > give_up):
+        self._exit_now(code)
+        return
+
+  def _restart_all(self) -> str:
     return (f'Process {self._me} stops too, without saving: restart every process with the '
             'same command to resume from the newest checkpoint.')
-
-  def wait_for_a_lost_peer(self):
-    """After an error in this process: stops beating, so that its peers see it go, and keeps
-    watching them for one more timeout, so that an error a lost peer caused (gloo sometimes
-    raises 'Connection reset by peer' before any timeout) ends as that loss (`on_lost`)."""
-    self._silent.set()
-    time.sleep(self._timeout_s + 2 * max(1.0, self._timeout_s / 10))
-
-  def stop(self):
-    self._stopped.set()
-    try:
-      self._client.key_value_set(f'{_PREFIX}{self._me}', _DONE, allow_overwrite=True)
-    except Exception:  # pylint: disable=broad-except
-      pass  # The coordinator is gone too: nobody is left to be told.

@@ -7,7 +7,8 @@ Re-running the same command resumes from the newest checkpoint in DIR. On a TPU 
 runs the same command; `jax.distributed.initialize()` finds its peers from the environment.
 
 Exit codes (README, "Exit codes"): 0 a finished run; 143 preempted after saving, re-run to
-resume; 75 another process was lost, restart all; 1 an error that a restart would only repeat.
+resume; 75 another process was lost (killed, hung, unreachable), restart all; 1 an error that a
+restart would only repeat, in this process or another one (every process names it).
 """
 
 import logging as std_logging
@@ -41,13 +42,12 @@ _DISTRIBUTED = flags.DEFINE_bool('distributed', False, 'Call jax.distributed.ini
 
 _HOST_TIMEOUT = flags.DEFINE_integer(
     'host_timeout_seconds', 120, 'Multi-process runs: how long a process may show no sign of '
-    'life before every other one stops with exit code 75, naming it.')
+    'life before every other one stops with exit code 75, naming it. A process that fails '
+    'says so at once: the others stop within seconds, naming it, with exit code 1.')
 
 # 128 + SIGTERM: what a shell reports for a process that SIGTERM ended, so a scheduler sees the
 # same code whether the signal came before or after training could save.
 EXIT_PREEMPTED = 143
-# EX_TEMPFAIL: another process was lost; this one stopped without saving. Restart them all.
-EXIT_HOST_LOST = 75
 
 
 def initialize_distributed():
@@ -69,12 +69,6 @@ def _exit_now(code: int):
   for stream in [h for h in std_logging.getLogger().handlers] + [sys.stdout, sys.stderr]:
     stream.flush()
   os._exit(code)  # pylint: disable=protected-access
-
-
-def _host_lost(message: str):
-  """Called from the watchdog's thread while the main one hangs in a collective."""
-  logging.error('%s', message)
-  _exit_now(EXIT_HOST_LOST)
 
 
 class _QuietLibraries:
@@ -101,7 +95,9 @@ def main(argv):
   except sizes.SizeError as e:  # The same on every host, before any collective: one line, 1.
     logging.error('%s', e)
     _exit_now(1)
-  watchdog = (hosts.PeerWatchdog(_HOST_TIMEOUT.value, on_lost=_host_lost)
+  # Its thread ends the process (hosts.EXIT_HOST_LOST or EXIT_FAILED) when a peer was lost or
+  # failed, while the main one may hang in a collective.
+  watchdog = (hosts.PeerWatchdog(_HOST_TIMEOUT.value, exit_now=_exit_now)
               if jax.process_count() > 1 else None)
   try:
     train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
@@ -110,15 +106,17 @@ def main(argv):
     logging.warning('%s', e)
     code = EXIT_PREEMPTED
   except Exception as e:  # pylint: disable=broad-except
-    if watchdog:  # Was it this process's own error, or did a lost peer cause it? (exits 75)
-      watchdog.wait_for_a_lost_peer()
-    if isinstance(e, (run_control.NonFiniteError, run_control.WorkdirError,
-                      run_control.EvaluationError, checkpoint.DamagedCheckpointError,
-                      checkpoint.CheckpointWriteError)):
+    if watchdog and watchdog.stopping:  # A peer failed or was lost first, most likely the cause.
+      logging.warning('Then process %d failed too: %s', jax.process_index(), hosts.one_line(e))
+    elif isinstance(e, (run_control.NonFiniteError, run_control.WorkdirError,
+                        run_control.EvaluationError, checkpoint.DamagedCheckpointError,
+                        checkpoint.CheckpointWriteError)):
       logging.error('%s', e)  # It says what happened, where and what to do: no traceback.
     else:
       logging.exception('Training failed:')
-    _exit_now(1)
+    if watchdog:  # Tells the peers, waits for them to settle, then ends with their verdict.
+      watchdog.fail(hosts.one_line(e))
+    _exit_now(hosts.EXIT_FAILED)
   if watchdog:
     watchdog.stop()  # Finished or preempted, as every other process.
   sys.exit(code)

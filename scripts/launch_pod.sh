@@ -16,6 +16,11 @@
 # host, over what an earlier --setup put there, and installs requirements.txt and
 # requirements-tpu.txt (the TPU runtime). --dry-run prints the exact gcloud commands instead of
 # running them.
+#
+# Each host's training ends with a code that says whether to run this again (README, "Exit
+# codes"): 0 finished; 143 preempted after saving, and 75 a host was lost (killed, hung,
+# unreachable): run the same command again, it resumes; 1 an error, on one host or all, that
+# every host's log names: do not restart before fixing it, a restart would repeat it.
 set -euo pipefail
 name="" zone="" dry_run=0 setup=0 repo_dir='~/retina_jax' project="" topology="" plan=1
 while [ $# -gt 0 ]; do
