@@ -67,9 +67,12 @@ class PeerWatchdog:
     self._stopped = threading.Event()
     self._failed = threading.Event()  # This process failed: fail() published it.
     self._stopping = threading.Event()  # A failure or a loss is being settled.
+    self._asked_at = None  # When the store was asked something not yet answered.
     self._thread = threading.Thread(target=self._run, name='retina_jax-peer-watchdog',
                                     daemon=True)
     self._thread.start()
+    threading.Thread(target=self._watch_the_coordinator, name='retina_jax-coordinator-watchdog',
+                     daemon=True).start()
 
   @property
   def stopping(self) -> bool:
@@ -112,9 +115,11 @@ class PeerWatchdog:
     while not self._stopped.wait(self._period):
       beat += 1
       try:
+        self._asked_at = time.monotonic()
         if beating:
           self._client.key_value_set(f'{_ALIVE}{self._me}', str(beat), allow_overwrite=True)
         alive, failed = self._read(_ALIVE), self._read(_FAILED)
+        self._asked_at = None
       except Exception as e:  # pylint: disable=broad-except
         if not self._stopped.is_set():
           logging.error('Lost contact with the coordinator (process 0 of %d): %s. %s',
@@ -168,6 +173,17 @@ class PeerWatchdog:
       gone = all(alive.get(p) in (_DONE, _EXIT) or p in lost for p in peers)
       if not beating and ((settled and self._me != 0) or gone or now > give_up):
         self._exit_now(code)
+        return
+
+  def _watch_the_coordinator(self):
+    """A hung coordinator answers nothing and raises nothing: the store's calls just wait."""
+    while not self._stopped.wait(self._period):
+      asked = self._asked_at
+      if asked is not None and time.monotonic() - asked > self._timeout_s:
+        logging.error('Lost contact with the coordinator (process 0 of %d): no answer for %.0f '
+                      's (hung, or its host is unreachable). %s', self._count,
+                      time.monotonic() - asked, self._restart_all())
+        self._exit_now(EXIT_HOST_LOST)
         return
 
   def _restart_all(self) -> str:

@@ -68,8 +68,10 @@ def test_the_same_error_on_both_ends_both_with_it(tmp_path):
   assert ended[0] >= ended[1]  # The coordinator leaves last.
 
 
-@pytest.mark.parametrize('failing', [0, 1])
-def test_an_error_on_one_ends_both_naming_it(tmp_path, failing):
+def test_an_error_on_one_ends_both_naming_it(tmp_path):
+  """Process 1 fails while the coordinator waits for it in a collective. Left out: the
+  coordinator failing alone (it waits for the others to leave, as in the test above)."""
+  failing = 1
   procs, logs = _start_two(tmp_path, 30, f'--fail_on={failing}', f'--error={ERROR}')
   ended = _wait(procs, logs)
   outs = [log.read_text() for log in logs]
@@ -85,21 +87,27 @@ def test_an_error_on_one_ends_both_naming_it(tmp_path, failing):
   assert not any('Lost process' in out for out in outs)
 
 
-@pytest.mark.parametrize('how', [signal.SIGKILL, signal.SIGSTOP], ids=['killed', 'hung'])
-def test_a_process_that_is_gone_makes_its_peer_exit_75(tmp_path, how):
+@pytest.mark.parametrize('gone, how, says', [
+    (1, signal.SIGKILL, 'Lost process 1 of 2: no sign of life'),
+    (1, signal.SIGSTOP, 'Lost process 1 of 2: no sign of life'),
+    # Its store hangs, raising nothing, until jax aborts (134) after its heartbeat timeout.
+    (0, signal.SIGSTOP, 'Lost contact with the coordinator (process 0 of 2): no answer'),
+], ids=['killed', 'hung', 'coordinator_hung'])
+def test_a_process_that_is_gone_makes_its_peer_exit_75(tmp_path, gone, how, says):
   procs, logs = _start_two(tmp_path, 5)
   _wait(procs, logs, until=lambda: all(' steps' in log.read_text() for log in logs))
   assert all(p.poll() is None for p in procs), logs[0].read_text()[-3000:]
-  os.kill(procs[1].pid, how)
+  peer = 1 - gone
+  os.kill(procs[gone].pid, how)
   gone_at = time.time()
   try:
-    ended = _wait(procs[:1], logs)
+    ended = _wait(procs[peer:peer + 1], logs)
   finally:
-    procs[1].kill()
-    procs[1].wait()
-  out = logs[0].read_text()
-  assert procs[0].returncode == 75, out[-3000:]
-  assert 'Lost process 1 of 2: no sign of life' in out and 'restart every process' in out
+    procs[gone].kill()
+    procs[gone].wait()
+  out = logs[peer].read_text()
+  assert procs[peer].returncode == 75, out[-3000:]
+  assert says in out and 'restart every process' in out
   assert 'of 2 failed' not in out  # Not taken for a failure, even if gloo raised in a step.
   # The 5 s timeout and a beat a second; loose for a loaded machine.
   assert 4 < ended[0] - gone_at < 30, out[-3000:]
