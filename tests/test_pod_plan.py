@@ -19,6 +19,7 @@ from tests import tiny_detector
 pytest.importorskip('libtpu', reason='the TPU runtime is not installed: '
                     'pip install -r requirements-tpu.txt')
 
+from retina_jax import config as config_lib  # pylint: disable=g-import-not-at-top
 from retina_jax import models  # pylint: disable=g-import-not-at-top
 from retina_jax import sharding as sharding_lib  # pylint: disable=g-import-not-at-top
 from retina_jax import train  # pylint: disable=g-import-not-at-top
@@ -44,22 +45,29 @@ def report(request):
 def test_compiles_the_train_step_and_detector_for_the_topology(report):
   assert report['chips'] == TOPOLOGIES[report['topology']]
   assert report['hosts'] == 1 and report['batch_per_chip'] == 2
-  for what in ('train_step', 'detector'):
-    memory = report[what]['memory']
+  assert [p['canvas'] for p in report['train_steps']] == [[64, 64]]
+  assert [p['canvas'] for p in report['detectors']] == [[64, 64]]
+  for program in (*report['train_steps'], *report['detectors']):
+    memory = program['memory']
     assert 0 < memory['arguments'] and 0 < memory['peak'] < report['chip']['hbm_bytes']
-    assert report[what]['flops'] > 0 and report[what]['bytes_accessed'] > 0
-    assert report[what]['bound_seconds'] == max(report[what]['flops_seconds'],
-                                                report[what]['bytes_seconds'])
+    assert program['flops'] > 0 and program['bytes_accessed'] > 0
+    assert program['bound_seconds'] == max(program['flops_seconds'], program['bytes_seconds'])
   pod_plan.check_fits(report)
-  assert report['schedule_hours_at_bound'] == pytest.approx(
-      1000 * report['train_step']['bound_seconds'] / 3600)
+  (step,), (detector,) = report['train_steps'], report['detectors']
+  assert report['schedule_hours_at_bound'] == pytest.approx(1000 * step['bound_seconds'] / 3600)
   assert report['schedule_hours_at_mfu'] >= report['schedule_hours_at_bound']
+  # Input each host must deliver at the bound, and the detector's time per evaluation pass.
+  assert report['input_images_per_second_per_host'] == pytest.approx(8 / step['bound_seconds'])
+  assert report['eval_pass_seconds_at_bound'] == pytest.approx(
+      -(-5000 // 4) * detector['bound_seconds'])
   json.dumps(report)
-  assert 'peak' in pod_plan.format_report(report)
+  text = pod_plan.format_report(report)
+  assert 'peak' in text and 'images/s per host' in text
+  assert 'Evaluation: 5000 images in batches of 4' in text
 
 
 def test_data_parallel_step_all_reduces_gradients_and_gathers_no_parameters(report):
-  collectives = report['train_step']['collectives']
+  collectives = report['train_steps'][0]['collectives']
   assert 'all-gather' not in collectives
   config = _config()
   from retina_jax import models  # pylint: disable=g-import-not-at-top
@@ -71,14 +79,14 @@ def test_data_parallel_step_all_reduces_gradients_and_gathers_no_parameters(repo
 
 
 def test_breakdown_lists_the_models_convolutions_by_flops(report):
-  step = report['train_step']
+  (step,) = report['train_steps']
   assert len(step['top_by_flops']) == 3
   # The top kernels are convolutions of the model, forward or backward.
   assert all('RetinaNet' in k['op_name'] for k in step['top_by_flops'])
 
 
 def test_breakdown_by_part_names_every_part_of_the_train_step(report):
-  parts = report['train_step']['by_part']
+  parts = report['train_steps'][0]['by_part']
   for name in ('backbone forward', 'backbone backward', 'fpn forward', 'fpn backward',
                'heads forward', 'heads backward', 'matching', 'loss forward', 'optimizer',
                'collectives'):
@@ -135,8 +143,9 @@ def test_a_step_the_compiler_cannot_fit_is_one_line_naming_batch_and_memory():
 
 def test_a_peak_above_the_hbm_is_one_line_naming_batch_and_memory(report):
   small = dict(report, chip=dict(report['chip'],
-                                 hbm_bytes=report['train_step']['memory']['peak'] // 2))
-  with pytest.raises(pod_plan.PlanError, match=r'train step does not fit: batch 8 \(2 per chip\) '
+                                 hbm_bytes=report['train_steps'][0]['memory']['peak'] // 2))
+  with pytest.raises(pod_plan.PlanError, match=r'train step \(64x64\) does not fit: batch 8 '
+                     r'\(2 per chip\) '
                      r'needs [\d.]+ GiB per chip'):
     pod_plan.check_fits(small)
 
@@ -167,13 +176,13 @@ def test_spatial_partitioning_splits_each_image_over_the_model_axis():
   config.batch_size = 2
   split = pod_plan.plan(config, 'v5e:2x2', detector=False)
   assert split['mesh'] == {'data': 2, 'model': 2} and split['batch_per_chip'] == 0.5
-  assert (split['train_step']['memory']['temporaries']
-          < 0.75 * whole['train_step']['memory']['temporaries'])
+  assert (split['train_steps'][0]['memory']['temporaries']
+          < 0.75 * whole['train_steps'][0]['memory']['temporaries'])
   assert 'rows split over 2 chips' in pod_plan.format_report(split)
 
 
 def test_hbm_floor_counts_what_kernels_move_to_and_from_hbm(report):
-  step = report['train_step']
+  (step,) = report['train_steps']
   assert 0 < step['hbm_floor_bytes'] <= step['bytes_accessed']
   assert step['bound_seconds'] >= step['floor_seconds'] >= step['flops_seconds']
 
@@ -218,3 +227,58 @@ def test_bfloat16_train_step_all_reduces_float32_gradients():
         dtypes[dtype] += int(np.prod(dims))
   params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.params))
   assert dtypes['f32'] >= params * 0.9 and dtypes['bf16'] == 0, dtypes
+
+
+def _r50(arg='', *overrides):
+  return config_lib.from_flags(f'experiments/retinanet_r50_coco.py:{arg}', overrides)
+
+
+def test_the_canvases_planned_are_the_ones_the_run_trains_and_evaluates_in():
+  """No compile: the README's tfds COCO config trains in the square bucket (a tfds source lists
+  no image sizes), the same on coco_format in landscape and portrait canvases."""
+  canvases, note = pod_plan.train_canvases(_r50('res=800'))
+  assert canvases == [(1408, 1408)] and 'square bucket' in note and 'coco/2017' in note
+  canvases, note = pod_plan.train_canvases(_r50('res=800', '--config.data.name=coco_format'))
+  assert canvases == [(800, 1344), (1344, 800)] and 'square' not in note
+  # Multi-scale training holds its largest shorter side; 'square' is S x S wherever.
+  assert pod_plan.train_canvases(_r50('res=640,aug=paper', '--config.data.name=coco_format'))[0] == [
+      (640, 1088), (1088, 640)]
+  assert pod_plan.train_canvases(_r50('', '--config.data.train_buckets=square'))[0] == [
+      (1408, 1408)]
+  assert pod_plan.train_canvases(_r50('', '--config.data.name=coco_format',
+                                      '--config.data.train_buckets=torchvision'))[0] == [
+      (800, 1344), (1344, 800)]
+  assert pod_plan.eval_canvases(_r50()) == [(800, 1344), (1344, 800)]
+  assert pod_plan.eval_canvases(_r50('', '--config.data.eval_buckets=torchvision')) == [
+      (800, 1344), (1344, 800)]
+  assert pod_plan.eval_canvases(_r50('', '--config.data.eval_buckets=square')) == [(1408, 1408)]
+
+
+def _no_compile(*args):
+  raise AssertionError('compiled a program that a check before compiling refuses')
+
+
+def test_the_readme_command_plans_the_detector_at_an_eval_batch_the_pod_splits(monkeypatch):
+  """The README's v5e:4x4 command at the default eval batch (once 8, which 16 chips cannot
+  split) is planned at 16; an eval batch set by hand that the pod cannot split is refused in
+  seconds, before any compile."""
+  assert pod_plan.sizes.check(_r50('res=800,batch=64'), 16, 4).eval_batch_size == 16
+  monkeypatch.setattr(pod_plan, '_compile', _no_compile)
+  with pytest.raises(pod_plan.PlanError) as error:
+    pod_plan.plan(_r50('res=800,batch=64', '--config.eval_batch_size=8'), 'v5e:4x4')
+  message = str(error.value)
+  assert '\n' not in message and message.startswith(
+      'config.eval_batch_size=8 must be a multiple of the data-parallel size 16')
+  assert 'e.g. --config.eval_batch_size=16' in message and '16 chips, 4 hosts' in message
+  with pytest.raises(pod_plan.PlanError, match='config.batch_size=24 must be a multiple'):
+    pod_plan.plan(_r50('res=800,batch=24'), 'v5e:4x4', detector=False)
+
+
+def test_a_train_state_larger_than_the_hbm_is_refused_before_compiling(monkeypatch):
+  monkeypatch.setattr(pod_plan, '_compile', _no_compile)
+  monkeypatch.setitem(pod_plan.CHIPS, 'v5e', dataclasses.replace(pod_plan.CHIPS['v5e'],
+                                                                 hbm_bytes=2 ** 20))
+  with pytest.raises(pod_plan.PlanError) as error:
+    pod_plan.plan(_config(), 'v5e:2x2')
+  assert str(error.value).startswith('the train state does not fit: ')
+  assert 'GiB per chip' in str(error.value) and '\n' not in str(error.value)
