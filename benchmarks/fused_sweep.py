@@ -24,6 +24,7 @@ from benchmarks.train_loop import apply_overrides
 from retina_jax import config as config_lib
 from retina_jax import fused
 from retina_jax import hyper
+from retina_jax import metrics as metrics_lib
 from retina_jax import train
 
 
@@ -42,8 +43,7 @@ def _members(spec: str, overrides: list[str]):
 
 
 def _read(workdir: str, split: str) -> dict:
-  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
-    records = [json.loads(line) for line in f]
+  records = metrics_lib.read_records(workdir)
   train_records = [r for r in records if 'train/loss' in r]
   rates = [r['train/images_per_second'] for r in train_records
            if 'train/images_per_second' in r]

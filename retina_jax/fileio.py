@@ -5,14 +5,15 @@ Local paths and object stores (`gs://bucket/...`) alike go through `etils.epath`
 The gs:// backend is chosen here, once: fsspec's gcsfs, not TensorFlow's GCS filesystem, which
 epath picks by default whenever TensorFlow is installed (it is: tfds needs it). Both take the
 application default credentials on a pod, so nothing needs setting there; only gcsfs (and
-tensorstore, orbax's array backend) also reach a GCS emulator: STORAGE_EMULATOR_HOST for gcsfs and
-google-cloud-storage (TensorBoard events), TENSORSTORE_GCS_HTTP_URL for tensorstore.
+tensorstore, orbax's array backend) also reach a GCS emulator: STORAGE_EMULATOR_HOST for gcsfs,
+TENSORSTORE_GCS_HTTP_URL for tensorstore.
 EPATH_USE_TF=true set by the user still wins.
 
 An object store has no append and no rename of a folder, and an object appears whole when its
 upload completes. Hence the write rules of the project, the same on local disk:
 - `write_atomic`: one file, whole or not at all (local disk: a temporary sibling, then a rename).
-- Logs that grow (metrics.jsonl) are rewritten whole, by their one writer (host 0).
+- Logs that grow (metrics, TensorBoard events) are appended to on local disk; on an object
+  store they are cut into chunks (`retina_jax/metrics.py`), the last one rewritten whole.
 - A folder of several files (an export, a generated data set) is complete when its marker file,
   written last, is there (`publish`, `is_complete`); readers treat a folder without it as
   absent. Orbax does the same on gs:// for checkpoints (commit_success.txt).
@@ -50,6 +51,15 @@ def write_atomic(path, data: bytes | str) -> None:
   tmp = path.with_name(f'.{path.name}.tmp-{os.getpid()}')
   tmp.write_bytes(data)
   tmp.replace(path)
+
+
+def forget_listings(path) -> None:
+  """Drops this process's cached listings of `path` and its parents. gcsfs keeps them, object
+  sizes included, so that an object another process has since rewritten would read as it was,
+  or cut short. Local paths (and TensorFlow's GCS file system) cache none."""
+  fs = getattr(Path(path)._backend, 'fs', None)  # pylint: disable=protected-access
+  if is_url(path) and fs is not None:
+    fs(os.fspath(path)).invalidate_cache(os.fspath(path))
 
 
 def is_complete(folder) -> bool:

@@ -14,6 +14,7 @@ import pytest
 
 from retina_jax import checkpoint as ckpt
 from retina_jax import fused
+from retina_jax import metrics as metrics_lib
 from retina_jax import train
 from tests.test_train import DEMO
 from tests.test_train import ROOT
@@ -118,8 +119,7 @@ def test_a_non_finite_member_stops_and_keeps_its_last_good_checkpoint(fused_run)
   workdirs, results, errors = fused_run
   workdir = workdirs[-1]
   assert results[-1] is None and all(r is not None for r in results[:-1])
-  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
-    records = [json.loads(line) for line in f]
+  records = metrics_lib.read_records(workdir)
   stopped = [r['step'] for r in records if 'stopped/non_finite_step' in r]
   assert len(stopped) == 1 and stopped[0] > 1, records
   assert [r['step'] for r in records if 'train/loss' in r] == list(range(1, stopped[0]))

@@ -54,12 +54,6 @@ def _run(argv: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
   return proc
 
 
-def _gs_metrics(url: str, prefix: str) -> list[dict]:
-  data = gcs_emulator.read(url, f'{prefix}/metrics.jsonl')
-  lines = data.decode().splitlines() if data else []
-  return [r for r in map(json.loads, lines) if 'train/loss' in r]
-
-
 def _committed_steps(url: str, prefix: str) -> list[int]:
   """Steps whose checkpoint orbax has committed (on gs:// it writes commit_success.txt last)."""
   committed = (re.fullmatch(rf'{prefix}/checkpoints/(\d+)/commit_success\.txt', n)
@@ -78,7 +72,7 @@ def test_gs_workdir_train_kill_resume_evaluate_export_predict(emulator, tmp_path
     killed = subprocess.Popen(gs_run, env=env, cwd=ROOT, stdout=f, stderr=f)
   deadline = time.time() + 300
   while time.time() < deadline and killed.poll() is None:
-    if any(m['step'] >= 3 for m in _gs_metrics(url, wd)) and _committed_steps(url, wd):
+    if any(m['step'] >= 3 for m in read_metrics(gs_wd)) and _committed_steps(url, wd):
       break
     time.sleep(0.2)
   assert killed.poll() is None, f'ended before it could be killed: {log.read_text()[-3000:]}'
@@ -95,7 +89,7 @@ def test_gs_workdir_train_kill_resume_evaluate_export_predict(emulator, tmp_path
   assert reference.returncode == 0, err[-3000:]
   assert 'resumed' in resumed.stderr
   # Every step logged once, with the losses of the uninterrupted local run; same parameters.
-  gs_metrics, local_metrics = _gs_metrics(url, wd), read_metrics(local)
+  gs_metrics, local_metrics = read_metrics(gs_wd), read_metrics(local)
   assert [m['step'] for m in gs_metrics] == list(range(1, 7))
   np.testing.assert_allclose([m['train/loss'] for m in gs_metrics],
                              [m['train/loss'] for m in local_metrics], rtol=1e-6)

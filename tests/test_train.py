@@ -65,13 +65,8 @@ def env_with_devices(n: int) -> dict[str, str]:
 
 
 def read_metrics(workdir: str) -> list[dict]:
-  """The training records of metrics.jsonl (evaluation records are left out)."""
-  path = os.path.join(workdir, 'metrics.jsonl')
-  if not os.path.exists(path):
-    return []
-  with open(path) as f:
-    records = [json.loads(line) for line in f if line.strip()]
-  return [r for r in records if 'train/loss' in r]
+  """The training records of the workdir's metrics (evaluation records are left out)."""
+  return [r for r in metrics_lib.read_records(workdir) if 'train/loss' in r]
 
 
 def finished_checkpoints(workdir: str) -> list[int]:
@@ -166,8 +161,7 @@ def test_lowering_num_train_steps_evaluates_the_checkpoint_under_its_own_step(sh
   workdir = str(tmp_path)
   train.train_and_evaluate(tiny_config(shapes_root, num_train_steps=2), workdir)
   train.train_and_evaluate(tiny_config(shapes_root, num_train_steps=1), workdir)
-  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
-    evals = [r['step'] for r in map(json.loads, f) if 'eval/AP' in r]
+  evals = [r['step'] for r in metrics_lib.read_records(workdir) if 'eval/AP' in r]
   assert evals == [2, 2]  # Not 1: the parameters evaluated are those of step 2.
 
 
@@ -188,8 +182,7 @@ def test_custom_data_trains_on_a_folder_with_its_classes_and_keeps_the_best(tmp_
     train.train_and_evaluate(ml_collections.ConfigDict({**config.to_dict(), 'keep_best_by': 'mAP'}),
                              workdir)
   train.train_and_evaluate(config, workdir)
-  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
-    evals = {r['step']: r['eval/AP'] for r in map(json.loads, f) if 'eval/AP' in r}
+  evals = {r['step']: r['eval/AP'] for r in metrics_lib.read_records(workdir) if 'eval/AP' in r}
   assert sorted(evals) == [1, 2]
   _, step = ckpt.restore_variables(workdir, ckpt.BEST)
   assert step == min(s for s, v in evals.items() if v == max(evals.values()))  # Ties: earlier.

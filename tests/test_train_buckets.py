@@ -1,7 +1,6 @@
 """Training in landscape / portrait canvases (config.data.train_buckets='orientation'): the real
 loop compiles the step once per canvas and trains on both."""
 
-import json
 import logging
 
 import numpy as np
@@ -28,6 +27,5 @@ def test_training_runs_in_both_orientation_canvases(tmp_path, caplog):
   compiled = [r.getMessage() for r in caplog.records if 'Compiling the train step' in r.getMessage()]
   assert sorted(compiled) == ['Compiling the train step for 128x64 images.',
                               'Compiling the train step for 64x128 images.']
-  lines = [json.loads(l) for l in (tmp_path / 'work' / 'metrics.jsonl').read_text().splitlines()]
-  losses = [l['train/loss'] for l in lines if 'train/loss' in l]
+  losses = [r['train/loss'] for r in test_train.read_metrics(str(tmp_path / 'work'))]
   assert len(losses) == 8 and np.all(np.isfinite(losses))
