@@ -30,6 +30,7 @@ from retina_jax import fileio
 JSONL = 'metrics.jsonl'
 CHUNKS = 'metrics.jsonl.d'  # The chunks of a gs:// workdir, in the order of their names.
 RECORDS_PER_CHUNK = 100  # A chunk of a few tens of kB: one upload per log at most that size.
+_FLOAT32_MAX = 3.4028234663852886e38
 
 
 def read_records(workdir) -> list[dict]:
@@ -156,6 +157,8 @@ def _event(step: int, *, file_version: str = '', session_start: bool = False,
     data += _length_delimited(3, file_version.encode())
   if scalar is not None:
     tag, value = scalar
+    if abs(value) > _FLOAT32_MAX:  # A float32 field (struct would raise): infinite, as protobuf.
+      value = math.copysign(math.inf, value)
     value_msg = _length_delimited(1, tag.encode()) + _tag(2, 5) + struct.pack('<f', value)
     data += _length_delimited(5, _length_delimited(1, value_msg))
   if session_start:

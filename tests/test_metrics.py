@@ -33,30 +33,41 @@ def _train_steps(records):
   return [r['step'] for r in records if 'train/loss' in r]
 
 
-def _event_steps(files: list[bytes]) -> list[int]:
-  """The steps of train/loss that TensorBoard shows from these event files (in name order),
-  decoded with tensorboardX's copy of TensorBoard's protocol buffers: a session start at step s
-  hides the earlier events from s on. Every record's CRCs are checked."""
+def _events(data: bytes) -> list:
+  """The events of one event file, decoded with tensorboardX's copy of TensorBoard's protocol
+  buffers; every record's CRCs are checked."""
   with pytest.MonkeyPatch.context() as mp:
     if 'tensorboardX' not in sys.modules and 'torch' not in sys.modules:
       mp.setitem(sys.modules, 'torch', None)  # tensorboardX would import it (5 s), unused here.
     from tensorboardX.proto import event_pb2  # pylint: disable=g-import-not-at-top
+  events, offset = [], 0
+  while offset < len(data):
+    header = data[offset:offset + 8]
+    (length,) = struct.unpack('<Q', header)
+    body = data[offset + 12:offset + 12 + length]
+    assert data[offset + 8:offset + 12] == metrics_lib._masked_crc(header)
+    assert data[offset + 12 + length:offset + 16 + length] == metrics_lib._masked_crc(body)
+    events.append(event_pb2.Event.FromString(body))
+    offset += 16 + length
+  return events
+
+
+def _event_steps(files: list[bytes]) -> list[int]:
+  """The steps of train/loss that TensorBoard shows from these event files (in name order): a
+  session start at step s hides the earlier events from s on."""
   steps = []
-  for data in files:
-    offset = 0
-    while offset < len(data):
-      header = data[offset:offset + 8]
-      (length,) = struct.unpack('<Q', header)
-      body = data[offset + 12:offset + 12 + length]
-      assert data[offset + 8:offset + 12] == metrics_lib._masked_crc(header)
-      assert data[offset + 12 + length:offset + 16 + length] == metrics_lib._masked_crc(body)
-      event = event_pb2.Event.FromString(body)
-      offset += 16 + length
-      if event.HasField('session_log'):
-        assert event.session_log.status == event_pb2.SessionLog.START
-        steps = [s for s in steps if s < event.step]
-      steps += [event.step for v in event.summary.value if v.tag == 'train/loss']
+  for event in (e for data in files for e in _events(data)):
+    if event.HasField('session_log'):
+      assert event.session_log.status == 1  # START
+      steps = [s for s in steps if s < event.step]
+    steps += [event.step for v in event.summary.value if v.tag == 'train/loss']
   return steps
+
+
+def test_event_values_beyond_float32_are_infinite():
+  [event] = _events(metrics_lib._event(7, scalar=('train/grad_norm', -1e39)))
+  assert event.step == 7 and [(v.tag, v.simple_value) for v in event.summary.value] == [
+      ('train/grad_norm', -float('inf'))]
 
 
 def test_local_resume_appends_without_duplicates_or_gaps(tmp_path, monkeypatch):
