@@ -126,8 +126,9 @@ def defined(commands):
       names[entry] = _argparse_options(entry)
     elif entry.endswith('.sh'):
       names[entry] = _shell_options(entry)
-    elif entry.startswith('tests.'):
-      names[entry] = _argparse_options(entry.replace('.', '/') + '.py')
+    elif entry.startswith(('tests.', 'retina_jax.')):  # Some take argparse options.
+      names[entry] = {**names.get(entry, {}),
+                      **_argparse_options(entry.replace('.', '/') + '.py')}
   return names
 
 
