@@ -209,7 +209,10 @@ def train_and_evaluate(configs: Sequence[ml_collections.ConfigDict], workdirs: S
 
   def evaluate(step):
     for i, m in active():
-      train.evaluate_and_log(m.config, member(state, i), step, workdir=m.workdir, mesh=mesh,
+      # The group's config, not the member's: members differ only in FUSED_FIELDS, which
+      # evaluation does not read, so every member reuses one compiled detector (cached by
+      # config) instead of compiling its own.
+      train.evaluate_and_log(config, member(state, i), step, workdir=m.workdir, mesh=mesh,
                              logger=m.logger, best_manager=m.best_manager)
       results[i] = json.loads(
           (fileio.Path(m.workdir) / f'metrics_{m.config.data.eval_split}.json').read_text())
