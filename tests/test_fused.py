@@ -80,9 +80,11 @@ class _ErrorLog(logging.Handler):
 def test_each_member_equals_its_separate_run(shapes_root, fused_run, tmp_path):
   """Three steps, one process, the tiny model on 64 px square canvases, the fused members
   spread over a sweep axis (the last test). Left out: several hosts, a
-  real TPU topology, orientation canvases, and longer runs; on the 200-step shapes benchmark the
-  gamma 1 and 5 members drifted from their separate runs (0.6% and 2.7% by step 50), which
-  three steps do not reach."""
+  real TPU topology, orientation canvases, and longer runs: past ~5 steps a member drifts from
+  its separate run (1.3% by step 30 at gamma 5 on the shapes demo) about as far as a separate
+  run from parameters perturbed by 1e-7 drifts from the unperturbed one, rounding amplified by
+  training (benchmarks/fused_drift.py, RESULTS.md), so longer runs cannot be compared at a
+  float tolerance."""
   workdirs, results, _ = fused_run
   for (name, overrides), workdir, result in zip(MEMBERS.items(), workdirs, results):
     alone = str(tmp_path / name)
