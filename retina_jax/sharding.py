@@ -3,12 +3,23 @@
 Axes: 'data' (the batch is split over it) and 'model' (size `config.mesh.model_parallelism`,
 1 by default): each image's rows are split over it (spatial partitioning, the technique of the
 TPU MLPerf detection submissions, for images too large or pods too wide for one image per
-chip; `spatial_sharding`, applied to every feature map by the model). Parameters and optimiser
-state are replicated; batches are split on their leading dimension over 'data' (each host
-feeds whole images; the model's first constraint slices their rows on device). The mesh spans
-every device of every host, so the same code runs on one CPU, one GPU or a TPU pod.
+chip). Parameters and optimiser state are replicated; batches are split on their leading
+dimension over 'data' (each host feeds whole images; the model's first constraint slices their
+rows on device). The mesh spans every device of every host, so the same code runs on one CPU,
+one GPU or a TPU pod.
+
+Activations: the models name their axes logically (`models.layers.FEATURE_MAP`, ('batch',
+'height', 'width', 'channels')) and call `constrain`; `LOGICAL_RULES` maps those names to mesh
+axes (flax's rule format, as MaxText's `logical_axis_rules`), the small-map rule decides which
+maps are too small to split, and `logical_axes(mesh)` is the context that applies both.
 """
 
+import contextlib
+import contextvars
+import math
+from typing import Sequence
+
+import flax.linen as nn
 import jax
 import ml_collections
 import numpy as np
@@ -46,12 +57,59 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P(DATA_AXIS))
 
 
-def spatial_sharding(mesh: Mesh) -> NamedSharding | None:
-  """Feature maps [B, H, W, C]: batch over 'data', rows over 'model'; None when the 'model'
-  axis has one device (no spatial partitioning)."""
-  if mesh.shape[MODEL_AXIS] == 1:
-    return None
-  return NamedSharding(mesh, P(DATA_AXIS, MODEL_AXIS))
+# Logical axis -> the mesh axis it is split over (flax's rule format; None: kept whole). A
+# feature map [B, H, W, C] has its images over 'data' and its rows over 'model'.
+LOGICAL_RULES = (('batch', DATA_AXIS), ('height', MODEL_AXIS), ('width', None),
+                 ('channels', None))
+
+# The small-map rule: a logical axis listed here is split over its mesh axis only when each
+# device gets at least this many of its elements and the split is even; otherwise it stays
+# whole on every device of that mesh axis. One-row blocks would need halos as large as
+# themselves, and the maps this leaves whole (P6, P7 of most images) are small.
+MIN_PER_DEVICE = {'height': 2}
+
+# The mesh of the innermost `logical_axes` context; None outside one.
+_MESH = contextvars.ContextVar('retina_jax.sharding._MESH', default=None)
+
+
+@contextlib.contextmanager
+def logical_axes(mesh: Mesh | None):
+  """Within it, `constrain` lays activations out on `mesh` by LOGICAL_RULES.
+
+  A mesh whose 'model' axis has one device (or None) lays out nothing: a data-parallel program
+  takes its layout from the batch's sharding alone.
+  """
+  token = _MESH.set(mesh if mesh is not None and mesh.shape[MODEL_AXIS] > 1 else None)
+  try:
+    yield
+  finally:
+    _MESH.reset(token)
+
+
+def logical_spec(shape: Sequence[int], names: Sequence[str], mesh: Mesh) -> P:
+  """The PartitionSpec of an array of `shape` whose axes are named `names`, on `mesh`:
+  LOGICAL_RULES, then the small-map rule."""
+  spec = nn.logical_to_mesh_axes(names, LOGICAL_RULES)
+
+  def fits(size, name, axes):
+    if axes is None or name not in MIN_PER_DEVICE:
+      return True
+    n = math.prod(mesh.shape[a] for a in ((axes,) if isinstance(axes, str) else axes))
+    return size % n == 0 and size // n >= MIN_PER_DEVICE[name]
+
+  return P(*(axes if fits(size, name, axes) else None
+             for size, name, axes in zip(shape, names, spec)))
+
+
+def constrain(x: jax.Array, names: Sequence[str]) -> jax.Array:
+  """x with its axes, named `names` (one logical name per dimension), laid out on the mesh of
+  the enclosing `logical_axes` context (`logical_spec`); x as is outside one. The constraint
+  holds in the backward pass too (on the cotangent)."""
+  mesh = _MESH.get()
+  if mesh is None:
+    return x
+  return jax.lax.with_sharding_constraint(
+      x, NamedSharding(mesh, logical_spec(x.shape, names, mesh)))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

@@ -10,6 +10,7 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
+from retina_jax import sharding
 from retina_jax.models import layers
 
 # torchvision's FPN init: kaiming_uniform_(a=1), i.e. U(+-sqrt(3 / fan_in)), biases 0.
@@ -35,12 +36,11 @@ class FPN(nn.Module):
   max_level: int = 7
   p6_from: str = 'c5'  # c5: paper, detectron2 | p5: torchvision v1, TF TPU
   dtype: Any = jnp.float32
-  rows: Any = None  # Spatial partitioning: layers.split_rows's sharding, or None.
 
   def _conv(self, kernel, stride, name):
     conv = layers.Conv(self.channels, kernel, stride, kernel // 2, dtype=self.dtype,
                        kernel_init=_fpn_init, name=name)
-    return lambda x: layers.split_rows(conv(x), self.rows)
+    return lambda x: sharding.constrain(conv(x), layers.FEATURE_MAP)
 
   @nn.compact
   def __call__(self, features):
@@ -54,7 +54,8 @@ class FPN(nn.Module):
     # Top-down: each level adds the upsampled sum of the coarser ones to its own lateral.
     merged = {5: laterals[5]}
     for l in reversed(backbone_levels[:-1]):
-      merged[l] = layers.split_rows(laterals[l] + upsample2x(merged[l + 1]), self.rows)
+      merged[l] = sharding.constrain(laterals[l] + upsample2x(merged[l + 1]),
+                                     layers.FEATURE_MAP)
     pyramid = {f'p{l}': self._conv(3, 1, f'output_p{l}')(merged[l]) for l in backbone_levels}
     if self.max_level >= 6:
       source = features['c5'] if self.p6_from == 'c5' else pyramid['p5']

@@ -12,6 +12,7 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
+from retina_jax import sharding
 from retina_jax.models import layers
 from retina_jax.models import resnet
 
@@ -38,7 +39,6 @@ class Head(nn.Module):
   out_bias_init: Any = nn.initializers.zeros
   norm: str = 'none'  # none (paper, torchvision v1) | gn (torchvision v2, detectron2 'GN')
   dtype: Any = jnp.float32
-  rows: Any = None  # Spatial partitioning: layers.split_rows's sharding, or None.
 
   @nn.compact
   def __call__(self, levels):  # levels: list of [B, H_l, W_l, C]
@@ -53,12 +53,13 @@ class Head(nn.Module):
              for j in range(self.num_convs)]
     out = layers.Conv(self.num_anchors * self.per_anchor, 3, padding=1, dtype=self.dtype,
                       kernel_init=_head_init, bias_init=self.out_bias_init, name='out')
+    constrain = lambda y: sharding.constrain(y, layers.FEATURE_MAP)
     outputs = []
     for x in levels:
       for conv, norm in zip(convs, norms):
-        x = conv(layers.split_rows(x, self.rows))
+        x = conv(constrain(x))
         x = nn.relu(norm(x) if norm is not None else x)
-      x = layers.split_rows(out(layers.split_rows(x, self.rows)), self.rows)
+      x = constrain(out(constrain(x)))
       # x: [B, H, W, A * per_anchor]
       outputs.append(x.reshape(x.shape[0], -1, self.per_anchor))
     return jnp.concatenate(outputs, axis=1).astype(jnp.float32)

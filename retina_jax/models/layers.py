@@ -1,18 +1,19 @@
 """Conv2d with PyTorch's explicit padding, and a CPU backward pass built from matrix products.
 
-On CPU, XLA lowers the weight gradient of a convolution to a slow generic loop: for a 1x1 conv
-256 -> 1024 on a [2, 64, 64] map it took 1130 ms against 67 ms as one GEMM, and 809 ms against
-276 ms for a 3x3 256 -> 256 conv as nine shifted GEMMs (2 shared cores). So on CPU:
+On CPU, XLA lowers the weight gradient of a convolution to a generic loop several times slower
+than a GEMM of the same size (benchmarks/RESULTS.md). So on CPU:
 - 1x1 convs are matrix products outright (forward and both gradients are GEMMs);
 - k x k convs keep XLA's forward and input gradient, and get their weight gradient as the sum
   over the k*k taps of x_shifted^T @ dy.
 All of these GEMMs take 2-D [pixels, channels] views (`_pixels_contraction`, `_conv1x1`'s
-explicit VJP): written as 4-D einsums, their autodiff made XLA CPU copy gradients into a
-transposed layout first, ~1 s of a 7 s R50 train step (batch 2, 512 px).
+explicit VJP): as 4-D einsums, their autodiff makes XLA CPU copy gradients into a transposed
+layout first.
 Elsewhere the native convolution is used: on GPUs with its autodiff, on TPU with a float32
 weight gradient (`native_weight_grad`), so that the data-parallel all-reduce sums float32.
 Same parameters either way: 'kernel' [k, k, Cin, Cout] (HWIO) and 'bias' [Cout], as flax's
 nn.Conv.
+
+`FEATURE_MAP` names the axes of the models' feature maps for `sharding.constrain`.
 """
 
 import functools
@@ -23,6 +24,9 @@ import jax
 import jax.numpy as jnp
 
 _DIMS = ('NHWC', 'HWIO', 'NHWC')
+
+# Logical axes of every feature map [B, H, W, C]; sharding.LOGICAL_RULES maps them to the mesh.
+FEATURE_MAP = ('batch', 'height', 'width', 'channels')
 
 
 def _xla_conv(x, kernel, stride: int, pad: int):
@@ -48,8 +52,8 @@ def _weight_grad(x, dy, k: int, stride: int, pad: int):
 def _pixels_contraction(x, dy):
   """sum over pixels of x[p, c] * dy[p, o] -> [C, O], as one [C, P] x [P, O] GEMM on 2-D views.
 
-  Written with 2-D operands so that XLA CPU hands it to its GEMM library as is; the 4-D einsum
-  form made it copy the (larger) gradient into a transposed layout first.
+  Written with 2-D operands so that XLA CPU hands it to its GEMM library as is; in the 4-D
+  einsum form it copies the (larger) gradient into a transposed layout first.
   """
   c, o = x.shape[-1], dy.shape[-1]
   return jax.lax.dot_general(x.reshape(-1, c), dy.reshape(-1, o), (((0,), (0,)), ((), ())),
@@ -110,8 +114,9 @@ def native_weight_grad(x, dy, k: int, stride: int, pad: int):
 
   The same convolution JAX's autodiff emits (x's channels as the batch, its batch as the
   features, dy dilated by the stride), but with a float32 result: the partial sums over each
-  device's images are then all-reduced across the data axis in float32, where the bfloat16
-  result of autodiff made XLA all-reduce bfloat16 gradients (as torchvision's DDP would not).
+  device's images are then all-reduced across the data axis in float32, where with the
+  bfloat16 result of autodiff XLA all-reduces bfloat16 gradients (as torchvision's DDP does
+  not).
   """
   h, w = x.shape[1:3]
   ho, wo = dy.shape[1:3]
@@ -150,7 +155,7 @@ def conv2d(x, kernel, stride: int = 1, pad: int = 0):
   (float32 parameters) is cast to x's dtype for the product; its gradient comes back in the
   kernel's dtype, accumulated in float32 on TPU (native_weight_grad). On GPUs the weight
   gradient stays autodiff's (in x's dtype, then cast): cuDNN may not run a bfloat16
-  convolution with a float32 result natively, and no GPU was at hand to measure it.
+  convolution with a float32 result natively (not measured).
   """
   if kernel.shape[0] == 1 and kernel.shape[1] == 1 and pad == 0:
     cpu = lambda x_, k_: _conv1x1(x_, k_.astype(x_.dtype), stride)
@@ -163,24 +168,6 @@ def conv2d(x, kernel, stride: int = 1, pad: int = 0):
   return jax.lax.platform_dependent(
       x, kernel, cpu=cpu, tpu=lambda x_, k_: _native_conv(x_, k_, stride, pad),
       default=lambda x_, k_: _xla_conv(x_, k_.astype(x_.dtype), stride, pad))
-
-
-def split_rows(x, rows):
-  """x [B, H, W, C] with its rows split over the mesh axis of `rows` (spatial partitioning).
-
-  `rows` is a NamedSharding P(data_axis, model_axis), or None for no partitioning (x as is).
-  A map with fewer than 2 rows per device, or rows that do not divide evenly, stays whole on
-  every device of the model axis: one-row blocks would need halos as large as themselves, and
-  such maps (P6, P7 of most images) are small. The constraint holds in the backward pass too
-  (on the cotangent).
-  """
-  if rows is None:
-    return x
-  data_axis, model_axis = rows.spec[0], rows.spec[1]
-  n = rows.mesh.shape[model_axis]
-  if x.shape[1] % n or x.shape[1] // n < 2:
-    rows = jax.sharding.NamedSharding(rows.mesh, jax.sharding.PartitionSpec(data_axis))
-  return jax.lax.with_sharding_constraint(x, rows)
 
 
 class Conv(nn.Module):

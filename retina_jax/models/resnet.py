@@ -18,6 +18,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from retina_jax import sharding
 from retina_jax.models import layers
 
 # Blocks per stage (layer1..layer4) and whether the block is a bottleneck.
@@ -157,7 +158,6 @@ class ResNet(nn.Module):
   norm: str = 'frozen_bn'
   freeze_at: int = 0
   dtype: Any = jnp.float32
-  rows: Any = None  # Spatial partitioning: layers.split_rows's sharding, or None.
 
   @nn.compact
   def __call__(self, x, train: bool = False):  # x: [B, H, W, 3] -> dict of [B, H/s, W/s, C]
@@ -169,12 +169,12 @@ class ResNet(nn.Module):
     block_cls = Bottleneck if bottleneck else BasicBlock
 
     norm = make_norm(self.norm, self.dtype, train and self.freeze_at < 1)
-    split = lambda y: layers.split_rows(y, self.rows)
-    x = split(x.astype(self.dtype))
+    constrain = lambda y: sharding.constrain(y, layers.FEATURE_MAP)
+    x = constrain(x.astype(self.dtype))
     x = _conv(widths[0], 7, 2, 3, self.dtype, 'conv1')(x)
-    x = split(nn.relu(norm('bn1')(x)))
+    x = constrain(nn.relu(norm('bn1')(x)))
     # Padding with -inf (flax's max_pool pads with the reduction's init value), as PyTorch.
-    x = split(nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1))))
+    x = constrain(nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1))))
     if self.freeze_at >= 1:
       x = jax.lax.stop_gradient(x)
 
@@ -184,7 +184,7 @@ class ResNet(nn.Module):
       stage_norm = make_norm(self.norm, self.dtype, train and not frozen)
       for b in range(num_blocks):
         stride = 2 if (stage > 1 and b == 0) else 1
-        x = split(block_cls(width, stride, stage_norm, self.dtype, name=f'layer{stage}_{b}')(x))
+        x = constrain(block_cls(width, stride, stage_norm, self.dtype, name=f'layer{stage}_{b}')(x))
       if frozen:
         x = jax.lax.stop_gradient(x)
       features[f'c{stage + 1}'] = x

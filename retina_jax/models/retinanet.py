@@ -30,42 +30,41 @@ class RetinaNet(nn.Module):
   anchor order of config.py (levels min..max, row-major (y, x), then the A anchors).
 
   `model_cfg` is `config.model`. Parameters are float32; activations use `model_cfg.dtype`.
-  `rows`: spatial partitioning (config.mesh.model_parallelism > 1): the NamedSharding that
-  splits every feature map's rows over the mesh's 'model' axis (layers.split_rows), as the TPU
-  MLPerf detection submissions do for images too large for one chip; None: no constraint. The
-  outputs stay split too (XLA moves them for the loss): gathering them whole for the loss kept
-  the per-chip memory of one whole image, since the [B, N, K] per-anchor tensors dominate it.
+  `mesh`: the mesh the model runs on, or None. Its feature maps name their axes
+  (layers.FEATURE_MAP) and are laid out on `mesh` by sharding.py's rules: with
+  config.mesh.model_parallelism > 1 their rows are split over the 'model' axis (spatial
+  partitioning), small maps excepted. The outputs stay split too (XLA moves them into the
+  loss's layout): the per-anchor [B, N, K] tensors dominate the per-chip memory.
   """
   model_cfg: Any
   num_anchors: int
-  rows: Any = None
+  mesh: jax.sharding.Mesh | None = None
 
   @nn.compact
   def __call__(self, images, train: bool = False):
-    cfg = self.model_cfg
-    dtype = compute_dtype(cfg.dtype)
-    features = resnet.ResNet(backbone=cfg.backbone, norm=cfg.norm, freeze_at=cfg.freeze_at,
-                             dtype=dtype, rows=self.rows, name='backbone')(images, train=train)
-    pyramid = fpn_lib.FPN(channels=cfg.fpn_channels, min_level=cfg.min_level,
-                          max_level=cfg.max_level, p6_from=cfg.p6_from, dtype=dtype,
-                          rows=self.rows, name='fpn')(features)
-    levels = [pyramid[f'p{l}'] for l in range(cfg.min_level, cfg.max_level + 1)]
-    head = lambda per_anchor, bias_init, name: heads.Head(
-        self.num_anchors, per_anchor, channels=cfg.head_channels, num_convs=cfg.head_convs,
-        out_bias_init=bias_init, norm=cfg.head_norm, dtype=dtype, rows=self.rows, name=name)
-    cls_logits = head(cfg.num_classes, heads.prior_bias(cfg.prior_prob), 'cls_head')(levels)
-    box_deltas = head(4, nn.initializers.zeros, 'box_head')(levels)
-    return {'cls_logits': cls_logits, 'box_deltas': box_deltas}
+    with sharding.logical_axes(self.mesh):
+      cfg = self.model_cfg
+      dtype = compute_dtype(cfg.dtype)
+      features = resnet.ResNet(backbone=cfg.backbone, norm=cfg.norm, freeze_at=cfg.freeze_at,
+                               dtype=dtype, name='backbone')(images, train=train)
+      pyramid = fpn_lib.FPN(channels=cfg.fpn_channels, min_level=cfg.min_level,
+                            max_level=cfg.max_level, p6_from=cfg.p6_from, dtype=dtype,
+                            name='fpn')(features)
+      levels = [pyramid[f'p{l}'] for l in range(cfg.min_level, cfg.max_level + 1)]
+      head = lambda per_anchor, bias_init, name: heads.Head(
+          self.num_anchors, per_anchor, channels=cfg.head_channels, num_convs=cfg.head_convs,
+          out_bias_init=bias_init, norm=cfg.head_norm, dtype=dtype, name=name)
+      cls_logits = head(cfg.num_classes, heads.prior_bias(cfg.prior_prob), 'cls_head')(levels)
+      box_deltas = head(4, nn.initializers.zeros, 'box_head')(levels)
+      return {'cls_logits': cls_logits, 'box_deltas': box_deltas}
 
 
 def create_model(config: ml_collections.ConfigDict, mesh=None) -> RetinaNet:
-  """The model of a full config: `config.model` plus A from `config.anchors`; given the `mesh`
-  it runs on, with its feature maps' rows split over the mesh's 'model' axis when that axis
-  has more than one device (config.mesh.model_parallelism)."""
+  """The model of a full config: `config.model` plus A from `config.anchors`, laid out on the
+  `mesh` it runs on (RetinaNet)."""
   num_anchors = len(config.anchors.scales) * len(config.anchors.aspect_ratios)
   return RetinaNet(model_cfg=ml_collections.FrozenConfigDict(config.model),
-                   num_anchors=num_anchors,
-                   rows=None if mesh is None else sharding.spatial_sharding(mesh))
+                   num_anchors=num_anchors, mesh=mesh)
 
 
 def init_variables(model: RetinaNet, rng: jax.Array, image_size) -> dict:
