@@ -2,6 +2,8 @@
 lowered on this CPU host for TPU or CUDA, the train step and the detector get native
 convolutions throughout (forward and both gradients); lowered for CPU, the GEMM formulation."""
 
+import warnings
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -86,3 +88,16 @@ def test_native_weight_gradient_equals_autodiff(k, stride, pad, h, w):
                                     pad)
   assert got16.dtype == jnp.float32
   np.testing.assert_allclose(got16, vjp(dy)[0], rtol=0.05, atol=0.05 * np.abs(got).max())
+
+
+def test_bf16_train_step_traces_without_dtype_promotion_warnings():
+  """jax warns (FutureWarning, an error in later releases) where a scatter would cast its
+  float32 update into a bfloat16 operand; the bfloat16 train step must cast explicitly."""
+  config = tiny_detector.tiny_config(64)
+  config.batch_size, config.model.dtype = 2, 'bfloat16'
+  mesh = sharding_lib.make_mesh(config, jax.devices()[:1])
+  model = models.create_model(config)
+  state, tx = train.abstract_train_state(config, model, mesh)
+  with warnings.catch_warnings():
+    warnings.simplefilter('error', FutureWarning)
+    train.make_train_step(config, model, tx, mesh).trace(state, train.abstract_batch(config, mesh))

@@ -80,7 +80,7 @@ def _conv1x1_bwd(stride, residuals, dy):
   if stride == 1:
     dx = dxs
   else:
-    dx = jnp.zeros_like(x).at[:, ::stride, ::stride].set(dxs)
+    dx = jnp.zeros_like(x).at[:, ::stride, ::stride].set(dxs.astype(x.dtype))
   dw = _pixels_contraction(xs, dy)[None, None].astype(kernel.dtype)
   return dx.astype(x.dtype), dw
 
