@@ -13,6 +13,7 @@ number.
 import logging
 from typing import Any
 
+from etils import epath
 import jax
 from jax.experimental import multihost_utils
 import numpy as np
@@ -21,7 +22,7 @@ import orbax.checkpoint as ocp
 from retina_jax import fileio
 
 
-def checkpoint_dir(workdir: str) -> fileio.Path:
+def checkpoint_dir(workdir: str) -> epath.Path:
   """<workdir>/checkpoints, made absolute for local paths (orbax refuses relative ones, and
   `make demo` passes workdirs/demo); gs:// and other URLs are kept as they are."""
   return fileio.Path(fileio.absolute(workdir)) / 'checkpoints'
@@ -52,7 +53,7 @@ def parse_checkpoint_flag(value: str) -> int | str | None:
   raise ValueError(f"--checkpoint={value!r}: give 'latest', 'best' or a step number.")
 
 
-def best_dir(workdir: str) -> fileio.Path:
+def best_dir(workdir: str) -> epath.Path:
   return checkpoint_dir(workdir).parent / 'checkpoint_best'
 
 
@@ -140,7 +141,7 @@ def _first_line(error: BaseException) -> str:
   return (str(error).strip().splitlines() or [type(error).__name__])[0][:300]
 
 
-def _readable_metadata(step_dir: fileio.Path) -> Any:
+def _readable_metadata(step_dir: epath.Path) -> Any:
   """The saved tree's array metadata; raises if the checkpoint cannot be read."""
   return ocp.PyTreeCheckpointer().metadata(step_dir / 'default').item_metadata.tree
 
@@ -187,7 +188,7 @@ class DamagedCheckpointError(RuntimeError):
   pass
 
 
-def _unreadable(directory: fileio.Path, damaged: list[tuple[int, str]]) -> DamagedCheckpointError:
+def _unreadable(directory: epath.Path, damaged: list[tuple[int, str]]) -> DamagedCheckpointError:
   return DamagedCheckpointError(
       f'No readable checkpoint in {directory}: '
       + '; '.join(f'step {s} at {directory / str(s)}: {why}' for s, why in damaged)
@@ -246,7 +247,7 @@ def restore_variables(workdir: str, step: int | str | None = None
   raise _unreadable(directory, damaged)
 
 
-def _read_variables(path: fileio.Path) -> dict[str, Any]:
+def _read_variables(path: epath.Path) -> dict[str, Any]:
   checkpointer = ocp.PyTreeCheckpointer()
   tree = checkpointer.metadata(path).item_metadata.tree
   wanted = {k: tree[k] for k in ('params', 'batch_stats')}

@@ -2,8 +2,9 @@
 
 Local paths and object stores (`gs://bucket/...`) alike go through `etils.epath` (`Path`).
 
-The gs:// backend is chosen here, once: fsspec's gcsfs, not TensorFlow's GCS filesystem, which
-epath picks by default whenever TensorFlow is installed (it is: tfds needs it). Both take the
+The gs:// backend is chosen here, by the first `Path` a process makes: fsspec's gcsfs, not
+TensorFlow's GCS filesystem, which epath picks by default whenever TensorFlow is installed (it
+is: tfds needs it). Both take the
 application default credentials on a pod, so nothing needs setting there; only gcsfs (and
 tensorstore, orbax's array backend) also reach a GCS emulator: STORAGE_EMULATOR_HOST for gcsfs,
 TENSORSTORE_GCS_HTTP_URL for tensorstore.
@@ -23,12 +24,17 @@ import os
 import tempfile
 from typing import Callable
 
-os.environ.setdefault('EPATH_USE_TF', 'false')  # Read by epath at each call: before any I/O.
+from etils import epath
 
-from etils import epath  # pylint: disable=g-import-not-at-top,wrong-import-position
-
-Path = epath.Path
 COMPLETE = 'COMPLETE'  # The marker of `publish_dir`.
+
+
+def Path(*parts) -> epath.Path:  # pylint: disable=invalid-name
+  """`epath.Path(*parts)`, with gs:// through gcsfs. epath reads EPATH_USE_TF once per process,
+  when it first does I/O on a URL, so it is set here, before any path of the project's exists
+  (orbax gets its paths from here too)."""
+  os.environ.setdefault('EPATH_USE_TF', 'false')
+  return epath.Path(*parts)
 
 
 def is_url(path) -> bool:

@@ -30,6 +30,8 @@ import shlex
 import subprocess
 import sys
 
+from etils import epath
+
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..'))
 
 from retina_jax import config as config_lib  # pylint: disable=g-import-not-at-top
@@ -71,7 +73,7 @@ def run_name(setting: dict, extra: list[str]) -> str:
   return _safe_name(','.join(filter(None, [hyper.setting_name(setting), *overrides])))
 
 
-def experiment_dir(spec: str, workdir_root: str) -> fileio.Path:
+def experiment_dir(spec: str, workdir_root: str) -> epath.Path:
   path, _, arg = spec.partition(':')
   return fileio.Path(workdir_root) / _safe_name(
       os.path.splitext(os.path.basename(path))[0] + (f':{arg}' if arg else ''))
@@ -109,7 +111,9 @@ def finished_step(workdir: str) -> int | None:
 def run_fused(spec: str, workdir_root: str, extra: list[str], dry_run: bool):
   """Every setting's config as its own command would build it, trained by `fused.run_sweep`."""
   # Imported here: the other modes only print or launch commands and need no jax.
+  from retina_jax import cli  # pylint: disable=g-import-not-at-top
   from retina_jax import fused  # pylint: disable=g-import-not-at-top
+  cli.skip_absent_tpu()
   not_config = [a for a in extra if a.startswith('-') and not a.startswith('--config.')]
   if not_config:
     raise SystemExit(f'--fused takes only --config.x=y flags after --, got {not_config[0]}')
