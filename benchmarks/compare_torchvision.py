@@ -217,4 +217,6 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
+  from retina_jax import cli  # pylint: disable=g-import-not-at-top
+  cli.skip_absent_tpu()
   main()

@@ -18,6 +18,7 @@ import statistics
 import jax.numpy as jnp
 
 from benchmarks import compare_torchvision
+from retina_jax import cli
 from retina_jax.models import layers
 
 
@@ -66,4 +67,5 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
+  cli.skip_absent_tpu()
   main()

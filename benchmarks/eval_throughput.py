@@ -17,6 +17,7 @@ import time
 import jax
 import numpy as np
 
+from retina_jax import cli
 from retina_jax import config as config_lib
 from retina_jax.evaluation import evaluator
 from retina_jax import models
@@ -110,4 +111,5 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
+  cli.skip_absent_tpu()
   main()

@@ -21,6 +21,7 @@ import time
 import jax
 
 from benchmarks.train_loop import apply_overrides
+from retina_jax import cli
 from retina_jax import config as config_lib
 from retina_jax import fused
 from retina_jax import hyper
@@ -99,4 +100,5 @@ def main():
 
 
 if __name__ == '__main__':
+  cli.skip_absent_tpu()
   main()

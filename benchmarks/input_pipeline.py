@@ -18,6 +18,7 @@ import time
 import numpy as np
 from PIL import Image
 
+from retina_jax import cli
 from retina_jax import config as config_lib
 from retina_jax.data import pipeline
 
@@ -90,4 +91,5 @@ def main():
 
 
 if __name__ == '__main__':
+  cli.skip_absent_tpu()
   main()

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from retina_jax import anchors as anchors_lib
+from retina_jax import cli
 from retina_jax import config as config_lib
 from retina_jax import postprocess
 
@@ -85,4 +86,5 @@ def main():
 
 
 if __name__ == '__main__':
+  cli.skip_absent_tpu()
   main()

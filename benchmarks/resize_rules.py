@@ -25,6 +25,7 @@ import time
 import jax
 import numpy as np
 
+from retina_jax import cli
 from retina_jax.data import pipeline
 
 
@@ -88,4 +89,5 @@ def main():
 
 
 if __name__ == '__main__':
+  cli.skip_absent_tpu()
   main()

@@ -19,6 +19,7 @@ import time
 
 import jax
 
+from retina_jax import cli
 from retina_jax import config as config_lib
 from retina_jax import models
 from retina_jax import sharding as sharding_lib
@@ -110,4 +111,5 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
+  cli.skip_absent_tpu()
   main()

@@ -1,6 +1,8 @@
-"""Command-line parsing shared by the entry points (main, export, evaluate, predict)."""
+"""What the entry points share: the platform choice, and command-line parsing (main, export,
+evaluate, predict, tools)."""
 
 import functools
+import importlib.util
 import re
 import sys
 from typing import Callable
@@ -10,6 +12,24 @@ from absl import flags
 from ml_collections import config_flags
 
 from retina_jax import saved_config
+
+
+def skip_absent_tpu():
+  """Chooses the CPU where the TPU runtime is installed but no TPU chip is attached.
+
+  With the TPU runtime installed (requirements-tpu.txt: the tests and pod_plan compile for TPU
+  topologies) but no TPU chip here, jax would still start a TPU backend on every run, and libtpu
+  prints five lines of errors (TPU_ACCELERATOR_TYPE, TPU_WORKER_HOSTNAMES) before jax falls back
+  to the CPU. Every entry point calls this first, before any backend starts; importing the
+  package chooses nothing. An explicit JAX_PLATFORMS, a TPU VM, or an installed GPU plugin
+  (jax_plugins) leave jax's own choice alone.
+  """
+  if importlib.util.find_spec('libtpu') is None or importlib.util.find_spec('jax_plugins'):
+    return
+  import jax  # pylint: disable=g-import-not-at-top
+  from jax._src import hardware_utils  # pylint: disable=g-import-not-at-top
+  if not jax.config.jax_platforms and not hardware_utils.num_available_tpu_chips_and_device_id()[0]:
+    jax.config.update('jax_platforms', 'cpu')
 
 
 def _message(error: BaseException) -> str:
@@ -76,6 +96,7 @@ def run_with_saved_config(main: Callable[[dict, list[str]], None],
   none; without a --config the saved config of `saved_config.config_dir` is the config, so that
   `--config.x=y` overrides apply to it too.
   """
+  skip_absent_tpu()
   fl = define_flags()
   argv = saved_config.with_saved_config(sys.argv, saved_config.config_dir(sys.argv))
   app.run(functools.partial(main, fl), argv=argv, flags_parser=parse_flags)

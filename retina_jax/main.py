@@ -123,5 +123,6 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  cli.skip_absent_tpu()
   flags.mark_flags_as_required(['config', 'workdir'])
   app.run(main, flags_parser=cli.parse_flags)

@@ -17,6 +17,7 @@ import sys
 # Runnable from a clone without installing the package.
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
+from retina_jax import cli  # pylint: disable=g-import-not-at-top,wrong-import-position
 from retina_jax import convert  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 
@@ -56,4 +57,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == '__main__':
+  cli.skip_absent_tpu()
   sys.exit(main())

@@ -2,7 +2,10 @@
 no experiment file imports one, at module level or inside a function."""
 
 import ast
+import os
 import pathlib
+import subprocess
+import sys
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 ENTRY_POINTS = frozenset(f'retina_jax.{m}' for m in ('main', 'evaluate', 'export', 'predict'))
@@ -51,3 +54,17 @@ def test_library_modules_import_no_entry_point():
   bad = {path: entry for path, entry in bad.items() if entry}
   assert not bad, (f'Library modules import entry points: {bad}; move what they need into a '
                    'library module (an entry point only parses flags and calls the library).')
+
+
+def test_importing_the_library_changes_no_process_setting():
+  """Only entry points choose the platform (`cli.skip_absent_tpu`) and epath's gs:// backend is
+  chosen by the first `fileio.Path`: importing sets no environment variable and no jax option.
+  Checks a few modules that once did or that every entry point imports, not all of them."""
+  env = {k: v for k, v in os.environ.items() if k not in ('JAX_PLATFORMS', 'EPATH_USE_TF')}
+  code = ('import os, jax\n'
+          'before = dict(os.environ), jax.config.jax_platforms\n'
+          'import retina_jax, retina_jax.cli, retina_jax.fileio, retina_jax.metrics\n'
+          'assert (dict(os.environ), jax.config.jax_platforms) == before\n'
+          'retina_jax.fileio.Path("gs://bucket/x")\n'
+          'assert os.environ["EPATH_USE_TF"] == "false"\n')
+  subprocess.run([sys.executable, '-c', code], env=env, cwd=ROOT, check=True, timeout=120)

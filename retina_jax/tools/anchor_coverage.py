@@ -141,6 +141,7 @@ def main(fl, argv):
 
 
 def run():
+  cli.skip_absent_tpu()
   fl = _define_flags()
   app.run(functools.partial(main, fl), argv=sys.argv, flags_parser=cli.parse_flags)
 
