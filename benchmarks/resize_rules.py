@@ -6,7 +6,7 @@ At COCO's 800 / 1333, for a 480x640 image (upsampled to 800x1066) and a 1080x192
 (downsampled to 750x1333), interleaved, median of --repeats:
   pil                config.data.resize='pil': PIL bilinear on uint8, uint8 canvas to the device;
   torchvision        config.data.resize='torchvision' as the pipeline runs it: XLA on the host's
-                     CPU (`pipeline.interpolate_torchvision`), float32 canvas (4x the bytes) to
+                     CPU (`resize.interpolate_torchvision`), float32 canvas (4x the bytes) to
                      the device;
   torchvision_numpy  the same interpolation in numpy float32 on the host, float32 to the device;
   torchvision_dev    the same interpolation by XLA on the default device from the uint8 original
@@ -26,7 +26,7 @@ import jax
 import numpy as np
 
 from retina_jax import cli
-from retina_jax.data import pipeline
+from retina_jax.data import resize
 
 
 def _ceil(x: int, m: int) -> int:
@@ -35,16 +35,16 @@ def _ceil(x: int, m: int) -> int:
 
 def _numpy_interpolate(image: np.ndarray, hw) -> np.ndarray:
   x = image.astype(np.float32)
-  i0, i1, w0, w1 = pipeline._linear_taps(image.shape[1], hw[1])  # pylint: disable=protected-access
+  i0, i1, w0, w1 = resize._linear_taps(image.shape[1], hw[1])  # pylint: disable=protected-access
   x = x[:, i0] * w0[None, :, None] + x[:, i1] * w1[None, :, None]
-  i0, i1, w0, w1 = pipeline._linear_taps(image.shape[0], hw[0])  # pylint: disable=protected-access
+  i0, i1, w0, w1 = resize._linear_taps(image.shape[0], hw[0])  # pylint: disable=protected-access
   return x[i0] * w0[:, None, None] + x[i1] * w1[:, None, None]
 
 
 def _rules(image: np.ndarray):
   h, w = image.shape[:2]
-  hw, _ = pipeline.resize_geometry(h, w, 800, 1333, 1408, 'torchvision')
-  hw_pil, _ = pipeline.resize_geometry(h, w, 800, 1333, 1408, 'pil')
+  hw, _ = resize.resize_geometry(h, w, 800, 1333, 1408, 'torchvision')
+  hw_pil, _ = resize.resize_geometry(h, w, 800, 1333, 1408, 'pil')
   canvas = (_ceil(hw[0], 32), _ceil(hw[1], 32))
   device = jax.devices()[0]
 
@@ -54,11 +54,11 @@ def _rules(image: np.ndarray):
     return jax.device_put(out, device).block_until_ready()
 
   return {
-      'pil': lambda: on_device(pipeline.resize_image(image, hw_pil, 'pil'), np.uint8),
-      'torchvision': lambda: on_device(pipeline.resize_image(image, hw, 'torchvision'),
+      'pil': lambda: on_device(resize.resize_image(image, hw_pil, 'pil'), np.uint8),
+      'torchvision': lambda: on_device(resize.resize_image(image, hw, 'torchvision'),
                                        np.float32),
       'torchvision_numpy': lambda: on_device(_numpy_interpolate(image, hw), np.float32),
-      'torchvision_dev': lambda: pipeline.interpolate_torchvision(
+      'torchvision_dev': lambda: resize.interpolate_torchvision(
           image, hw, device).block_until_ready(),
   }
 

@@ -4,7 +4,7 @@ Layout: `<workdir>/checkpoints/<step>/` holds one pytree {step, params, batch_st
 first_bad_step}; with config.keep_best_by, `<workdir>/checkpoint_best/<step>/` holds the model
 variables {params, batch_stats} of the evaluation with the highest value of that metric (as
 detectron2's BestCheckpointer), whatever the newest checkpoints are. The data position is a
-pure function of (seed, step) (see `retina_jax.data.pipeline`), so the step restores it too: a
+pure function of (seed, step) (see `retina_jax.data.sampler`), so the step restores it too: a
 resumed run sees exactly the examples an uninterrupted one would. Restoring takes the target
 shardings from the current mesh, so a checkpoint written on N devices restores on any other
 number.

@@ -116,7 +116,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.data.eval_split = 'validation'
   config.data.min_size = 800  # Shorter side after resize.
   config.data.max_size = 1333  # Longer side cap.
-  # Resize rule (pipeline.RESIZE_RULES): 'pil' (bilinear on uint8, round() sides, uint8 to the
+  # Resize rule (data.resize.RESIZE_RULES): 'pil' (bilinear on uint8, round() sides, uint8 to the
   # device: 1/4 of the bytes) or 'torchvision' (its GeneralizedRCNNTransform exactly: bilinear
   # of the float image, floor() sides, per-axis box ratios; float32 to the device).
   config.data.resize = 'pil'
@@ -127,7 +127,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   # Evaluation / prediction canvas: 'orientation' pads landscape and portrait images into the
   # smallest canvases the resize rule fills (800x1344 and 1344x800 for 800 / 1333), 'square'
   # into image_size x image_size as training does, 'torchvision' into the image's own resized
-  # sides rounded up to multiples of 32 (one compilation per canvas; pipeline.canvas_for).
+  # sides rounded up to multiples of 32 (one compilation per canvas; data.canvas).
   config.data.eval_buckets = 'orientation'
   # Training canvas: 'square' (image_size x image_size) or 'orientation' (every
   # global batch landscape or portrait, in the canvases above: ~1.8x fewer pixels on COCO;

@@ -71,7 +71,8 @@ from retina_jax import inference
 from retina_jax import saved_config
 from retina_jax import saved_model
 from retina_jax import sizes
-from retina_jax.data import pipeline
+from retina_jax.data import canvas as canvas_lib
+from retina_jax.data import resize
 from retina_jax.data.categories import CategoryMap
 
 EXPORTED_FILE = 'detect.jax_exported'
@@ -94,7 +95,7 @@ def to_plain(variables) -> dict:
 def export_detector(config, variables, categories: CategoryMap, batch_size: int = 0,
                     platforms=DEFAULT_PLATFORMS, canvas=None) -> jax.export.Exported:
   """The detector as a `jax.export.Exported` for [B, H, W, 3] images (uint8, float32 under
-  config.data.resize='torchvision': `pipeline.image_dtype`).
+  config.data.resize='torchvision': `resize.image_dtype`).
 
   Args:
     config: the full config.
@@ -118,7 +119,7 @@ def export_detector(config, variables, categories: CategoryMap, batch_size: int 
   h, w = (s, s) if canvas is None else canvas
   b = batch_size if batch_size > 0 else jax.export.symbolic_shape('b')[0]
   args = (jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), variables),
-          jax.ShapeDtypeStruct((b, h, w, 3), pipeline.image_dtype(config.data)),
+          jax.ShapeDtypeStruct((b, h, w, 3), resize.image_dtype(config.data)),
           jax.ShapeDtypeStruct((b, 2), jnp.int32))
   kwargs = {} if platforms is None else {'platforms': tuple(platforms)}
   return jax.export.export(serve, **kwargs)(*args)
@@ -130,7 +131,7 @@ def write_export(out_dir: str, config, variables, categories: CategoryMap, batch
   s = int(config.data.image_size)
   detectors = {EXPORTED_FILE: (s, s)}
   canvases = {}
-  for images, (h, w) in pipeline.eval_canvases(config.data).items():
+  for images, (h, w) in canvas_lib.eval_canvases(config.data).items():
     name = EXPORTED_FILE if (h, w) == (s, s) else f'detect_{h}x{w}.jax_exported'
     detectors[name] = (h, w)
     canvases[images] = {'file': name, 'height': h, 'width': w}
@@ -153,8 +154,8 @@ def write_export(out_dir: str, config, variables, categories: CategoryMap, batch
           'canvases': canvases,
           'resize': {'min_size': int(config.data.min_size), 'max_size': int(config.data.max_size),
                      'name': config.data.resize,
-                     'rule': pipeline.RESIZE_RULES[config.data.resize] + '; padded bottom/right '
-                             'with 0 (retina_jax.data.pipeline.preprocess)'},
+                     'rule': resize.RESIZE_RULES[config.data.resize] + '; padded bottom/right '
+                             'with 0 (retina_jax.data.preprocess)'},
       }, indent=2).encode(),
   }
   fileio.publish(out_dir, files)

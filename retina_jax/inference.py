@@ -19,7 +19,7 @@ import numpy as np
 
 from retina_jax import anchors as anchors_lib
 from retina_jax import postprocess as postprocess_lib
-from retina_jax.data import pipeline
+from retina_jax.data import preprocess
 from retina_jax import models
 
 DetectFn = Callable[[Any, jax.Array, jax.Array], dict[str, jax.Array]]
@@ -53,7 +53,7 @@ def make_detect_fn(config, model=None) -> DetectFn:
     anchors = anchors_lib.generate_anchors(config.anchors, min_level, max_level, image_size)
     level_sizes = anchors_lib.anchors_per_level(config.anchors, min_level, max_level,
                                                 image_size)
-    x = pipeline.normalize_images(images, image_hw, mean, std)
+    x = preprocess.normalize_images(images, image_hw, mean, std)
     out = model.apply(variables, x, train=False)
     return postprocess_lib.postprocess(out['cls_logits'], out['box_deltas'], jnp.asarray(anchors),
                                        level_sizes, image_hw, config.postprocess,

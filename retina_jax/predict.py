@@ -8,7 +8,7 @@ is EXPORTED/config.json unless --config is given. Any image size and mode works:
 palette, RGBA (alpha dropped), CMYK and 16-bit images become 8-bit RGB, decoded exactly as the
 data pipeline decodes training images (`coco_format.decode_image`): the stored pixel layout, EXIF
 orientation ignored, as COCO's annotations are. The image is resized and padded into the
-config's bucket as the eval pipeline does (`pipeline.preprocess`).
+config's bucket as the eval pipeline does (`preprocess.preprocess`).
 
 Output, in the original image's pixels:
   --json: {'image': path, 'height': H, 'width': W, 'detections': [{'bbox': [x, y, w, h],
@@ -32,7 +32,8 @@ from retina_jax import inference
 from retina_jax import saved_config
 from retina_jax import visualize
 from retina_jax.data import coco_format
-from retina_jax.data import pipeline
+from retina_jax.data import canvas as canvas_lib
+from retina_jax.data import preprocess
 from retina_jax.data.categories import CategoryMap
 
 
@@ -60,10 +61,8 @@ def predict(config, variables, image: np.ndarray, categories: CategoryMap,
   example = {'image': image, 'boxes': np.zeros((0, 4), np.float32),
              'labels': np.zeros((0,), np.int32), 'is_crowd': np.zeros((0,), bool),
              'image_id': -1}
-  row = pipeline.preprocess(example, min_size=config.data.min_size,
-                            max_size=config.data.max_size, image_size=config.data.image_size,
-                            max_boxes=1, flip=False, resize=config.data.resize,
-                            canvas=pipeline.eval_canvas(config.data, *image.shape[:2]))
+  row = preprocess.preprocess(example, config.data,
+                              canvas=canvas_lib.eval_canvas(config.data, *image.shape[:2]))
   dets = detect(variables, row['image'][None], row['image_hw'][None])
   dets = inference.to_original_coords(dets, row['scale'][None], row['orig_hw'][None])
   keep = np.flatnonzero(dets['valid'][0])

@@ -10,9 +10,9 @@ Signature 'serving_default' (one image per call, as the TF Object Detection API'
      labels       int32 [1, D] contiguous labels (categories.json names them)
      num_detections int32 [1]: rows 0..num_detections-1 are the detections, best first; the
                   rest are zeros. D = config.postprocess.max_detections.
-Inside, what `retina_jax.predict` computes: the resize of `pipeline.preprocess` (PIL's bilinear,
+Inside, what `retina_jax.predict` computes: the resize of `preprocess.preprocess` (PIL's bilinear,
 re-done in TF ops: `pil_resize`), the padding into the canvas evaluation uses
-(`pipeline.eval_canvases`: landscape or portrait by a tf.cond), the detector converted with
+(`canvas.eval_canvases`: landscape or portrait by a tf.cond), the detector converted with
 jax2tf (StableHLO in an XlaCallModule op, lowered for each platform asked for, the parameters as
 the SavedModel's variables), and `inference.to_original_coords`.
 Writing needs tensorflow (requirements.txt); serving needs only TensorFlow.
@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from retina_jax import inference
-from retina_jax.data import pipeline
+from retina_jax.data import canvas as canvas_lib
 from retina_jax.data.categories import CategoryMap
 
 # Pillow's fixed point for 8-bit images (Resample.c: PRECISION_BITS = 32 - 8 - 2).
@@ -109,7 +109,7 @@ def write_saved_model(out_dir: str, config, variables, categories: CategoryMap,
   if data.resize != 'pil':
     raise ValueError(f'config.data.resize={data.resize!r}: the SavedModel re-does in TF ops only '
                      "the 'pil' resize; export with --config.data.resize=pil or --format jax.")
-  canvases = pipeline.eval_canvases(data)
+  canvases = canvas_lib.eval_canvases(data)
   if not canvases:
     raise ValueError(f'config.data.eval_buckets={data.eval_buckets!r}: a canvas per image size '
                      'cannot be served from one SavedModel; export with '
@@ -141,7 +141,7 @@ def write_saved_model(out_dir: str, config, variables, categories: CategoryMap,
       image = images[0]
       h, w = tf.shape(image)[0], tf.shape(image)[1]
       hf, wf = tf.cast(h, tf.float64), tf.cast(w, tf.float64)
-      # pipeline.resize_scale and resized_hw, in float64 as Python computes them.
+      # resize.resize_scale and resized_hw, in float64 as Python computes them.
       scale = tf.minimum(tf.minimum(float(data.min_size) / tf.minimum(hf, wf),
                                     float(data.max_size) / tf.maximum(hf, wf)),
                          s / tf.maximum(hf, wf))
@@ -157,7 +157,7 @@ def write_saved_model(out_dir: str, config, variables, categories: CategoryMap,
 
       if len(canvases) == 1:
         dets = run(next(iter(canvases)))
-      else:  # pipeline.canvas_for: landscape when width >= height.
+      else:  # canvas.canvas_for: landscape when width >= height.
         dets = tf.cond(w >= h, lambda: run('landscape'), lambda: run('portrait'))
       # inference.to_original_coords, then predict's order: valid ones by score, stable.
       boxes = dets['boxes'][0] / tf.cast(scale, tf.float32)

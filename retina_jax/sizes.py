@@ -101,9 +101,9 @@ def check_export_batch(batch_size: int):
 
 
 def check_canvases(data_config: ml_collections.ConfigDict):
-  """The sizes the canvases are made from (pipeline.canvas_for): every canvas is then a
+  """The sizes the canvases are made from (canvas.canvas_for): every canvas is then a
   multiple of the stride of C5, which the anchors and the FPN need."""
-  from retina_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  from retina_jax.data import canvas  # pylint: disable=g-import-not-at-top
   m = anchors_lib.SIZE_MULTIPLE
   s = int(data_config.image_size)
   if s < m or s % m:
@@ -118,9 +118,9 @@ def check_canvases(data_config: ml_collections.ConfigDict):
       raise SizeError(f'config.data.train_min_sizes={tuple(data_config.train_min_sizes)} must '
                       f'all be positive: e.g. --config.data.train_min_sizes=()')
   for field in ('train_buckets', 'eval_buckets'):
-    if data_config.get(field, 'orientation') not in pipeline.BUCKETS:
+    if data_config.get(field, 'orientation') not in canvas.BUCKETS:
       raise SizeError(f'config.data.{field}={data_config[field]!r} must be one of '
-                      f"{pipeline.BUCKETS}: e.g. --config.data.{field}=square")
+                      f"{canvas.BUCKETS}: e.g. --config.data.{field}=square")
 
 
 def check(config: ml_collections.ConfigDict, devices: int, hosts: int = 1, *,

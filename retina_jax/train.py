@@ -29,6 +29,8 @@ from retina_jax import run_control
 from retina_jax import sharding as sharding_lib
 from retina_jax import sizes
 from retina_jax.data import pipeline
+from retina_jax.data import preprocess
+from retina_jax.data import resize
 from retina_jax.evaluation import coco_eval
 from retina_jax.evaluation import evaluator
 
@@ -55,8 +57,8 @@ def make_anchors(config: ml_collections.ConfigDict, canvas=None) -> np.ndarray:
 
 
 def normalize(batch: dict[str, jax.Array], config: ml_collections.ConfigDict) -> jax.Array:
-  return pipeline.normalize_images(batch['image'], batch['image_hw'], config.data.pixel_mean,
-                                   config.data.pixel_std)
+  return preprocess.normalize_images(batch['image'], batch['image_hw'], config.data.pixel_mean,
+                                     config.data.pixel_std)
 
 
 def loss_and_grads(params, batch_stats, batch: dict[str, jax.Array], *, model,
@@ -184,7 +186,7 @@ def abstract_batch(config, mesh, canvas=None) -> dict[str, jax.ShapeDtypeStruct]
   square bucket when None)."""
   b, g = config.batch_size, config.data.max_boxes
   hc, wc = image_size(config) if canvas is None else canvas
-  shapes = {'image': ((b, hc, wc, 3), pipeline.image_dtype(config.data)),
+  shapes = {'image': ((b, hc, wc, 3), resize.image_dtype(config.data)),
             'image_hw': ((b, 2), jnp.int32),
             'boxes': ((b, g, 4), jnp.float32), 'labels': ((b, g), jnp.int32),
             'is_crowd': ((b, g), jnp.bool_), 'box_valid': ((b, g), jnp.bool_)}

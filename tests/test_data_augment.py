@@ -8,7 +8,9 @@ import pytest
 from PIL import Image
 
 from retina_jax import config as config_lib
-from retina_jax.data import augment, pipeline
+from retina_jax.data import augment
+from retina_jax.data.preprocess import preprocess
+from tests.test_data_pipeline import data_config
 
 COLOURS = ((255, 0, 0), (0, 255, 0), (0, 0, 255))
 IDENTITY = augment.Draw(min_size=64, jitter=1.0, crop=(0.0, 0.0), vflip=False, rot90=0,
@@ -37,8 +39,8 @@ def _found(image: np.ndarray, colour) -> np.ndarray | None:
 
 
 def _preprocess(ex, draw, flip=False, canvas=(128, 128), min_visible=0.0, max_boxes=5):
-  return pipeline.preprocess(ex, min_size=64, max_size=128, image_size=128, max_boxes=max_boxes,
-                             flip=flip, canvas=canvas, draw=draw, crop_min_visible=min_visible)
+  return preprocess(ex, data_config(64, 128, 128, max_boxes, crop_min_visible=min_visible),
+                    flip=flip, canvas=canvas, draw=draw)
 
 
 def _oracle(boxes, h, w, draw, flip, canvas):
@@ -103,8 +105,7 @@ def test_painted_boxes_land_where_the_transformed_boxes_say(name):
 
 def test_no_augmentation_draw_is_the_evaluation_resize():
   ex = _painted()
-  plain = pipeline.preprocess(ex, min_size=64, max_size=128, image_size=128, max_boxes=5,
-                              flip=True)
+  plain = preprocess(ex, data_config(64, 128, 128, 5), flip=True)
   drawn = _preprocess(ex, IDENTITY, flip=True)
   for k in plain:
     np.testing.assert_array_equal(plain[k], drawn[k], err_msg=k)
@@ -125,8 +126,8 @@ def test_crops_keep_only_valid_boxes_and_count_what_they_drop():
     ex = {'image': rng.integers(0, 256, (h, w, 3), dtype=np.uint8), 'boxes': boxes,
           'labels': np.arange(12, dtype=np.int32), 'is_crowd': crowd, 'image_id': position}
     draw = augment.draw(cfg, 0, position)
-    row = pipeline.preprocess(ex, min_size=128, max_size=128, image_size=128, max_boxes=12,
-                              flip=position % 2 == 1, draw=draw, crop_min_visible=0.3)
+    row = preprocess(ex, data_config(128, 128, 128, 12, crop_min_visible=0.3),
+                     flip=position % 2 == 1, draw=draw)
     ch, cw = row['image_hw']
     b = row['boxes'][row['box_valid']]
     assert (b >= 0).all() and (b[:, [0, 2]] <= cw).all() and (b[:, [1, 3]] <= ch).all()

@@ -1,4 +1,7 @@
-"""The pipeline: resize/flip/pad against numpy oracles, resume determinism, hosts, eval coverage."""
+"""The pipeline: resize/flip/pad against numpy oracles, resume determinism, hosts, eval coverage.
+
+The index stream alone (which examples, flips and canvases each batch gets) is tested without
+images in test_data_sampler.py."""
 
 import os
 import shutil
@@ -11,8 +14,13 @@ import pytest
 from PIL import Image
 
 from retina_jax import config as config_lib
+from retina_jax.data import canvas as canvas_lib
 from retina_jax.data import pipeline
+from retina_jax.data import resize
+from retina_jax.data import sampler
+from retina_jax.data.preprocess import normalize_images, preprocess
 from retina_jax.data.coco_format import BadImageError
+from tests.test_data_sampler import SizedSource
 
 NUM_TRAIN, NUM_EVAL = 11, 7
 
@@ -34,6 +42,15 @@ def _config(root, **overrides):
   return cfg
 
 
+def data_config(min_size, max_size, image_size, max_boxes, **fields):
+  """config.data with the resize rule's sizes and max_boxes, as `preprocess` reads them."""
+  cfg = config_lib.get_base_config().data
+  cfg.min_size, cfg.max_size, cfg.image_size = min_size, max_size, image_size
+  cfg.max_boxes = max_boxes
+  cfg.update(fields)
+  return cfg
+
+
 def _example(h=30, w=40, n=3, crowd=(False, True, False)):
   rng = np.random.default_rng(0)
   xy = rng.uniform(0, 15, (n, 2))
@@ -46,7 +63,7 @@ def _example(h=30, w=40, n=3, crowd=(False, True, False)):
 @pytest.mark.parametrize('flip', [False, True])
 def test_preprocess_matches_numpy_oracle(flip):
   ex = _example()
-  row = pipeline.preprocess(ex, min_size=64, max_size=100, image_size=128, max_boxes=5, flip=flip)
+  row = preprocess(ex, data_config(64, 100, 128, 5), flip=flip)
   scale = 64 / 30
   nh, nw = 64, round(40 * scale)
   np.testing.assert_array_equal(row['scale'], [np.float32(scale)] * 2)
@@ -70,13 +87,13 @@ def test_preprocess_matches_numpy_oracle(flip):
 
 def test_resize_caps_and_max_boxes():
   ex = _example(h=30, w=120, n=4, crowd=(True, False, False, False))
-  row = pipeline.preprocess(ex, min_size=64, max_size=200, image_size=128, max_boxes=2, flip=False)
+  row = preprocess(ex, data_config(64, 200, 128, 2))
   np.testing.assert_array_equal(row['image_hw'], [32, 128])  # Bucket cap beats max_size.
   np.testing.assert_array_equal(row['scale'], [np.float32(128 / 120)] * 2)
   np.testing.assert_array_equal(row['labels'], [2, 3])  # Crowd dropped first, then the last.
   assert row['box_valid'].all() and not row['is_crowd'].any()
-  assert pipeline.resize_scale(800, 1200, 800, 1333, 1408) == 1.0
-  assert pipeline.resize_scale(400, 1200, 800, 1333, 1408) == 1333 / 1200
+  assert resize.resize_scale(800, 1200, 800, 1333, 1408) == 1.0
+  assert resize.resize_scale(400, 1200, 800, 1333, 1408) == 1333 / 1200
 
 
 @pytest.mark.parametrize('flip', [False, True])
@@ -86,8 +103,7 @@ def test_extremely_elongated_image_keeps_a_one_pixel_side(flip):
   ex = {'image': rng.integers(0, 256, (3, 1000, 3), dtype=np.uint8),
         'boxes': np.asarray([[100, 0, 600, 3]], np.float32), 'labels': np.zeros(1, np.int32),
         'is_crowd': np.zeros(1, bool), 'image_id': 7}
-  row = pipeline.preprocess(ex, min_size=128, max_size=128, image_size=128, max_boxes=2,
-                            flip=flip)
+  row = preprocess(ex, data_config(128, 128, 128, 2), flip=flip)
   np.testing.assert_array_equal(row['image_hw'], [1, 128])
   assert row['image'][1:].max() == 0 and row['image'][0].max() > 0
   expected = [51.2, 0, 115.2, 0.384] if flip else [12.8, 0, 76.8, 0.384]  # Boxes * 0.128.
@@ -98,7 +114,7 @@ def test_normalize_images_matches_oracle_and_zeros_padding():
   images = rng.integers(0, 256, (2, 8, 8, 3), dtype=np.uint8)
   hw = np.asarray([[5, 8], [8, 3]], np.int32)
   mean, std = (1.0, 2.0, 3.0), (2.0, 4.0, 8.0)
-  got = np.asarray(jax.jit(pipeline.normalize_images, static_argnums=(2, 3))(images, hw, mean, std))
+  got = np.asarray(jax.jit(normalize_images, static_argnums=(2, 3))(images, hw, mean, std))
   want = (images - np.asarray(mean)) / np.asarray(std)
   want[0, 5:] = 0
   want[1, :, 3:] = 0
@@ -190,11 +206,11 @@ def test_eval_sees_every_image_once_across_hosts(shapes_root, num_images):
   n = num_images or NUM_EVAL
   per_host = [list(pipeline.eval_batches(src, cfg, 4, process_index=i, process_count=2,
                                          num_images=num_images)) for i in range(2)]
-  assert len(per_host[0]) == len(per_host[1]) == pipeline.num_eval_batches(n, 4)
+  assert len(per_host[0]) == len(per_host[1]) == sampler.num_eval_batches(n, 4)
   ids = np.concatenate([b['image_id'][b['example_valid']] for bs in per_host for b in bs])
   np.testing.assert_array_equal(np.sort(ids), np.sort(src.image_ids[:n]))
   padding = np.concatenate([b['image_id'][~b['example_valid']] for bs in per_host for b in bs])
-  assert len(padding) == 8 * pipeline.num_eval_batches(n, 4) // 2 - n and (padding == -1).all()
+  assert len(padding) == 8 * sampler.num_eval_batches(n, 4) // 2 - n and (padding == -1).all()
   first = per_host[0][0]
   assert first['image'].shape == (2, 128, 128, 3)
   np.testing.assert_array_equal(first['orig_hw'][0], src.original_hw[0])
@@ -234,7 +250,7 @@ def test_multiscale_orientation_canvases_hold_the_largest_size_and_turns_need_sq
   cfg = config_lib.get_base_config().data
   cfg.min_size, cfg.max_size, cfg.image_size, cfg.num_workers = 64, 128, 128, 1
   cfg.train_buckets, cfg.train_min_sizes = 'orientation', (64, 96)
-  src = _SizedSource([(100, 200), (200, 100)] * 3)
+  src = SizedSource([(100, 200), (200, 100)] * 3)
   loader = pipeline.TrainLoader(src, cfg, 2, seed=0, process_index=0, process_count=1)
   assert loader.canvases == [(96, 128), (128, 96)]
   cfg.random_rot90 = True
@@ -244,23 +260,23 @@ def test_multiscale_orientation_canvases_hold_the_largest_size_and_turns_need_sq
 
 def test_eval_canvas_holds_every_resized_image():
   cfg = config_lib.get_base_config().data  # COCO's 800 / 1333 in a 1408 bucket.
-  assert pipeline.eval_canvas(cfg, 480, 640) == (800, 1344)  # torchvision's canvas too.
-  assert pipeline.eval_canvas(cfg, 640, 480) == (1344, 800)
-  assert pipeline.eval_canvas(cfg, 500, 500) == (800, 1344)
+  assert canvas_lib.eval_canvas(cfg, 480, 640) == (800, 1344)  # torchvision's canvas too.
+  assert canvas_lib.eval_canvas(cfg, 640, 480) == (1344, 800)
+  assert canvas_lib.eval_canvas(cfg, 500, 500) == (800, 1344)
   cfg.eval_buckets = 'square'
-  assert pipeline.eval_canvas(cfg, 640, 480) == (1408, 1408)
+  assert canvas_lib.eval_canvas(cfg, 640, 480) == (1408, 1408)
   cfg.eval_buckets = 'round'
   with pytest.raises(ValueError, match='eval_buckets'):
-    pipeline.eval_canvas(cfg, 640, 480)
+    canvas_lib.eval_canvas(cfg, 640, 480)
   rng = np.random.default_rng(0)
   for _ in range(500):
     cfg = config_lib.get_base_config().data
     cfg.min_size, cfg.max_size = (int(v) for v in rng.integers(16, 1500, 2))
     cfg.image_size = 32 * int(rng.integers(1, 50))
     h, w = (int(v) for v in np.exp(rng.uniform(0, 8, 2)).round() + 1)
-    scale = pipeline.resize_scale(h, w, cfg.min_size, cfg.max_size, cfg.image_size)
-    nh, nw = pipeline.resized_hw(h, w, scale, cfg.image_size)
-    ch, cw = pipeline.eval_canvas(cfg, h, w)
+    scale = resize.resize_scale(h, w, cfg.min_size, cfg.max_size, cfg.image_size)
+    nh, nw = resize.resized_hw(h, w, scale, cfg.image_size)
+    ch, cw = canvas_lib.eval_canvas(cfg, h, w)
     assert nh <= ch <= cfg.image_size and nw <= cw <= cfg.image_size, (cfg, h, w)
     assert ch % 32 == 0 and cw % 32 == 0
 
@@ -268,22 +284,13 @@ def test_eval_canvas_holds_every_resized_image():
 def test_torchvision_canvas_is_the_resized_sides_rounded_up_to_32():
   cfg = config_lib.get_base_config().data
   cfg.resize = cfg.eval_buckets = 'torchvision'
-  assert pipeline.eval_canvas(cfg, 480, 640) == (800, 1088)  # Resized 800 x 1066.
-  assert pipeline.eval_canvas(cfg, 640, 427) == (1216, 800)  # 1199 x 800.
-  assert pipeline.eval_canvas(cfg, 360, 640) == (768, 1344)  # Capped: 749 x 1333.
+  assert canvas_lib.eval_canvas(cfg, 480, 640) == (800, 1088)  # Resized 800 x 1066.
+  assert canvas_lib.eval_canvas(cfg, 640, 427) == (1216, 800)  # 1199 x 800.
+  assert canvas_lib.eval_canvas(cfg, 360, 640) == (768, 1344)  # Capped: 749 x 1333.
   # The bound the README states for 800 / 1333: 83 canvases, whatever the sizes.
   sides = range(16, 4000, 13)
-  canvases = {pipeline.eval_canvas(cfg, h, w) for h in sides for w in sides}
+  canvases = {canvas_lib.eval_canvas(cfg, h, w) for h in sides for w in sides}
   assert 75 < len(canvases) <= 83
-
-
-def test_eval_plan_groups_by_canvas_in_source_order():
-  cfg = config_lib.get_base_config().data
-  hw = [(480, 640), (640, 480), (480, 640), (427, 640), (640, 427), (500, 500), (480, 640)]
-  plan = pipeline.eval_plan(cfg, 2, hw)
-  assert [(c, m.tolist()) for c, m in plan] == [
-      ((800, 1344), [0, 2]), ((800, 1344), [3, 5]), ((800, 1344), [6]),
-      ((1344, 800), [1, 4])]
 
 
 def test_eval_batches_in_orientation_canvases_across_hosts(shapes_root):
@@ -292,7 +299,7 @@ def test_eval_batches_in_orientation_canvases_across_hosts(shapes_root):
   hw = src.original_hw
   per_host = [list(pipeline.eval_batches(src, cfg, 4, process_index=i, process_count=2,
                                          image_hw=hw)) for i in range(2)]
-  assert len(per_host[0]) == len(per_host[1]) == len(pipeline.eval_plan(cfg, 4, hw))
+  assert len(per_host[0]) == len(per_host[1]) == len(sampler.eval_plan(cfg, 4, hw))
   index = {int(i): k for k, i in enumerate(src.image_ids)}
   seen = []
   for b0, b1 in zip(*per_host):
@@ -300,7 +307,7 @@ def test_eval_batches_in_orientation_canvases_across_hosts(shapes_root):
     for b in (b0, b1):
       for r in np.flatnonzero(b['example_valid']):
         h, w = hw[index[int(b['image_id'][r])]]
-        assert b['image'].shape[1:3] == pipeline.eval_canvas(cfg, h, w)
+        assert b['image'].shape[1:3] == canvas_lib.eval_canvas(cfg, h, w)
         assert (b['image_hw'][r] <= b['image'].shape[1:3]).all()
         seen.append(int(b['image_id'][r]))
   assert sorted(seen) == sorted(src.image_ids.tolist())
@@ -310,84 +317,6 @@ def test_eval_batches_in_orientation_canvases_across_hosts(shapes_root):
   (first, *_) = pipeline.eval_batches(src, cfg, 4, process_index=0, process_count=1, image_hw=hw)
   assert first['image'].shape == (4, 128, 128, 3)
   np.testing.assert_array_equal(first['image_id'], src.image_ids[:4])
-
-
-class _SizedSource:
-  """Just what TrainLoader's batch plan reads: a length and the original sizes."""
-  object_counts = None
-
-  def __init__(self, hw):
-    self.original_hw = np.asarray(hw, np.int32)
-
-  def __len__(self):
-    return len(self.original_hw)
-
-
-def _grouped_reference(seed, groups, gb, num_steps, flip):
-  """Aspect-ratio grouping spelled out: the epoch permutations as one stream, each group's
-  members in stream order GB at a time, batches in the order they fill up."""
-  n = len(groups)
-  stream = np.concatenate([pipeline._epoch_permutation(seed, e, n) for e in range(8 * num_steps)])
-  batches = []
-  for g in np.unique(groups):
-    positions = np.flatnonzero(groups[stream] == g)
-    for k in range(len(positions) // gb):
-      members = positions[k * gb:(k + 1) * gb]
-      batches.append((members[-1], g, members))
-  batches.sort(key=lambda b: b[0])
-  out = []
-  for _, g, members in batches[:num_steps]:
-    flips = [np.random.default_rng((seed, 1, int(p))).random() < 0.5 for p in members]
-    out.append((g, stream[members], np.asarray(flips) if flip else np.zeros(gb, bool)))
-  return out
-
-
-@pytest.mark.parametrize('seed', [0, 3])
-def test_orientation_batches_are_aspect_ratio_grouping_as_a_pure_function_of_step(seed):
-  rng = np.random.default_rng(seed)
-  hw = [(100, 200) if rng.random() < 0.7 else (200, 100) for _ in range(13)]
-  hw[0], hw[1] = (100, 200), (200, 100)  # Both canvases occur.
-  cfg = config_lib.get_base_config().data
-  cfg.min_size, cfg.max_size, cfg.image_size, cfg.num_workers = 64, 128, 128, 1
-  cfg.train_buckets = 'orientation'
-  src = _SizedSource(hw)
-  loader = pipeline.TrainLoader(src, cfg, 4, seed=seed, process_index=0, process_count=1)
-  assert loader.canvases == [(64, 128), (128, 64)]
-  groups = np.asarray([0 if w >= h else 1 for h, w in hw])
-  reference = _grouped_reference(seed, groups, 4, 40, flip=True)
-  for step, (g, indices, flips) in enumerate(reference):
-    got, got_flips = loader.example_indices(step)
-    np.testing.assert_array_equal(got, indices, err_msg=f'step {step}')
-    np.testing.assert_array_equal(got_flips, flips, err_msg=f'step {step}')
-    assert loader.canvas(step) == loader.canvases[g]
-  # Hosts take their rows of the same global batch, at any step (resume = pure function).
-  halves = [pipeline.TrainLoader(src, cfg, 4, seed=seed, process_index=i, process_count=2)
-            for i in range(2)]
-  for step in (0, 7, 39, 1000):
-    whole = loader.example_indices(step)[0]
-    np.testing.assert_array_equal(
-        np.concatenate([h.example_indices(step)[0] for h in halves]), whole)
-    assert {h.canvas(step) for h in halves} == {loader.canvas(step)}
-  # Each group's pass through the stream sees each of its images once.
-  first = np.concatenate([indices for g, indices, _ in reference if g == 0])
-  n0 = int((groups == 0).sum())
-  assert sorted(first[:n0].tolist()) == np.flatnonzero(groups == 0).tolist()
-
-
-def test_square_training_bucket_is_unchanged_and_single_canvas_groups_are_too():
-  hw = [(100, 200), (200, 100), (150, 150)] * 3
-  cfg = config_lib.get_base_config().data
-  cfg.min_size, cfg.max_size, cfg.image_size, cfg.num_workers = 128, 128, 128, 1
-  src = _SizedSource(hw)
-  plain = pipeline.TrainLoader(src, cfg, 4, seed=0, process_index=0, process_count=1)
-  cfg.train_buckets = 'orientation'  # Both orientations fit 128 x 128: one canvas, one group.
-  grouped = pipeline.TrainLoader(src, cfg, 4, seed=0, process_index=0, process_count=1)
-  assert plain.canvases == grouped.canvases == [(128, 128)]
-  for step in range(10):
-    n = len(hw)
-    want = [pipeline._epoch_permutation(0, p // n, n)[p % n] for p in range(4 * step, 4 * step + 4)]
-    np.testing.assert_array_equal(plain.example_indices(step)[0], want)
-    np.testing.assert_array_equal(grouped.example_indices(step)[0], want)
 
 
 def test_unreadable_image_fails_or_is_skipped(shapes_root, tmp_path):

@@ -32,7 +32,7 @@ _RESIZE_CHECK = textwrap.dedent('''
   import tensorflow as tf
   from PIL import Image
   from retina_jax import saved_model
-  from retina_jax.data import pipeline
+  from retina_jax.data import resize
   rng = np.random.default_rng(0)
   for h, w, (min_size, max_size) in [
       (60, 200, (96, 128)), (90, 40, (96, 128)), (40, 50, (96, 128)), (480, 640, (800, 1333)),
@@ -40,8 +40,8 @@ _RESIZE_CHECK = textwrap.dedent('''
       (150, 70, (96, 128)), (300, 60, (96, 128)), (1200, 500, (600, 1000)),
       (1080, 608, (600, 1000)), (97, 16, (96, 128))]:
     image = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
-    scale = pipeline.resize_scale(h, w, min_size, max_size, 1408)
-    nh, nw = pipeline.resized_hw(h, w, scale, 1408)
+    scale = resize.resize_scale(h, w, min_size, max_size, 1408)
+    nh, nw = resize.resized_hw(h, w, scale, 1408)
     want = np.asarray(Image.fromarray(image).resize((nw, nh), Image.BILINEAR)).astype(int)
     got = saved_model.pil_resize(tf, tf.constant(image), nh, nw).numpy().astype(int)
     assert np.array_equal(got, want), f'{h}x{w} -> {nh}x{nw}: {np.abs(got - want).max()}'

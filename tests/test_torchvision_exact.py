@@ -29,7 +29,9 @@ from retina_jax import models  # pylint: disable=wrong-import-position
 from retina_jax import optim  # pylint: disable=wrong-import-position
 from retina_jax import train  # pylint: disable=wrong-import-position
 from retina_jax.data import categories  # pylint: disable=wrong-import-position
-from retina_jax.data import pipeline  # pylint: disable=wrong-import-position
+from retina_jax.data import canvas as canvas_lib  # pylint: disable=wrong-import-position
+from retina_jax.data import preprocess  # pylint: disable=wrong-import-position
+from retina_jax.data import resize  # pylint: disable=wrong-import-position
 from tests import tiny_detector  # pylint: disable=wrong-import-position
 from tests import torchvision_reference  # pylint: disable=wrong-import-position
 
@@ -119,12 +121,12 @@ def test_resize_rule_is_torchvisions_interpolate():
   for i, (h, w) in enumerate(SIZES + ((480, 640), (1080, 1920))):
     image = _photo(h, w, seed=i)
     for min_size, max_size in ((MIN_SIZE, MAX_SIZE), (800, 1333)):
-      (nh, nw), (sy, sx) = pipeline.resize_geometry(h, w, min_size, max_size, 1408, 'torchvision')
+      (nh, nw), (sy, sx) = resize.resize_geometry(h, w, min_size, max_size, 1408, 'torchvision')
       scale = min(min_size / min(h, w), max_size / max(h, w))
       want = torch.nn.functional.interpolate(
           _as_tensor(image)[None], scale_factor=scale, mode='bilinear',
           recompute_scale_factor=True, align_corners=False)[0].numpy().transpose(1, 2, 0)
-      got = pipeline.resize_image(image, (nh, nw), 'torchvision')
+      got = resize.resize_image(image, (nh, nw), 'torchvision')
       assert got.shape == want.shape
       np.testing.assert_allclose(got / 255.0, want, rtol=0, atol=2e-6)
       assert (sy, sx) == (np.float32(nh) / np.float32(h), np.float32(nw) / np.float32(w))
@@ -248,10 +250,13 @@ def test_training_step_equals_torchvisions(sizes):
                               momentum=config.optim.momentum,
                               weight_decay=config.optim.weight_decay)
 
-  canvas = np.max([pipeline.canvas_for(config.data, h, w, 'torchvision') for h, w in sizes], 0)
-  rows = [pipeline.preprocess(e, min_size=MIN_SIZE, max_size=MAX_SIZE, image_size=224,
-                              max_boxes=4, flip=False, canvas=tuple(canvas), resize='torchvision')
-          for e in examples]
+  canvas = np.max([canvas_lib.canvas_for(config.data, h, w, 'torchvision') for h, w in sizes],
+                  0)
+  data = config.data.copy_and_resolve_references()
+  data.max_boxes = 4
+  assert (data.min_size, data.max_size, data.image_size, data.resize) == (
+      MIN_SIZE, MAX_SIZE, 224, 'torchvision')
+  rows = [preprocess.preprocess(e, data, canvas=tuple(canvas)) for e in examples]
   batch = {k: jnp.asarray(np.stack([r[k] for r in rows])) for k in train.TRAIN_INPUTS}
   variables, _ = convert.convert_state_dict(torchvision_reference.numpy_state_dict(tv_model))
   model = models.create_model(config)

@@ -1,6 +1,12 @@
-"""Input data: sources (shapes, coco_format, tfds), category maps, the static-shape pipeline."""
+"""Input data, one job per module (nothing is imported here, so importing a submodule does not
+pull in the rest):
 
-from retina_jax.data.categories import CategoryMap
-from retina_jax.data.coco_format import BadImageError
-from retina_jax.data.pipeline import (TrainLoader, create_source, eval_batches, normalize_images,
-                                      num_eval_batches)
+  shapes, coco_format, tfds_source   the sources: random access to examples (and sizes)
+  categories                         data set category ids <-> contiguous labels
+  resize                             the resize rules and their interpolation
+  canvas                             the canvases images are padded into
+  sampler                            which examples each batch holds (resume, hosts, eval plan)
+  augment                            training augmentations, drawn and applied
+  preprocess                         one example -> one batch row, in augmentation order
+  pipeline                           the plumbing: source factory, threads, prefetch, batches
+"""

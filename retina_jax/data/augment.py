@@ -1,4 +1,5 @@
-"""Training augmentations: what each example gets is drawn, then applied by `pipeline.preprocess`.
+"""Training augmentations: what each example gets (`draw`) and how each is applied; the order in
+which they are applied is the body of `retina_jax.data.preprocess.preprocess`.
 
 Every field is under config.data and off by default (the paper's recipe is the horizontal flip
 alone, `random_flip`):
@@ -25,9 +26,9 @@ alone, `random_flip`):
       ~65 ms for an 800 x 1067 image on one core, the other three ~7 ms together).
 
 Resume: `draw` is a pure function of (seed, stream position), like the order and the flip (see
-`pipeline`): each example's draw comes from numpy's PCG64 seeded with (seed, 2, position), and
-always the same numbers in the same order, so turning one augmentation on leaves the others'
-draws as they were.
+`retina_jax.data.sampler`): each example's draw comes from numpy's PCG64 seeded with
+(seed, 2, position), and always the same numbers in the same order, so turning one augmentation
+on leaves the others' draws as they were.
 
 Boxes in this module are (x1, y1, x2, y2) float32 pixels of the image they are passed with.
 """
@@ -137,14 +138,20 @@ def rot90(image: np.ndarray, boxes: np.ndarray, k: int) -> tuple[np.ndarray, np.
   return np.ascontiguousarray(image), boxes
 
 
-def hflip_boxes(boxes: np.ndarray, w: int) -> np.ndarray:
-  """boxes [n, 4] in an image w pixels wide -> the same boxes after mirroring it left-right."""
-  return np.stack([w - boxes[:, 2], boxes[:, 1], w - boxes[:, 0], boxes[:, 3]], axis=1)
+def hflip(image: np.ndarray, boxes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """Mirrored left-right. image [H, W, 3]; boxes [n, 4] in its pixels -> the mirrored image (a
+  view) and its boxes."""
+  w = image.shape[1]
+  return image[:, ::-1], np.stack([w - boxes[:, 2], boxes[:, 1], w - boxes[:, 0], boxes[:, 3]],
+                                  axis=1)
 
 
-def vflip_boxes(boxes: np.ndarray, h: int) -> np.ndarray:
-  """boxes [n, 4] in an image h pixels high -> the same boxes after mirroring it top-bottom."""
-  return np.stack([boxes[:, 0], h - boxes[:, 3], boxes[:, 2], h - boxes[:, 1]], axis=1)
+def vflip(image: np.ndarray, boxes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """Mirrored top-bottom. image [H, W, 3]; boxes [n, 4] in its pixels -> the mirrored image (a
+  view) and its boxes."""
+  h = image.shape[0]
+  return image[::-1], np.stack([boxes[:, 0], h - boxes[:, 3], boxes[:, 2], h - boxes[:, 1]],
+                               axis=1)
 
 
 def crop_window(hw: tuple[int, int], canvas: tuple[int, int], u: tuple[float, float]

@@ -4,7 +4,7 @@
       [--split train] [--max_images 0] [--json OUT.json]
 
 For every non-crowd ground-truth box: resize it into the bucket exactly as the input pipeline
-resizes its image (`pipeline.resize_geometry` of config.data.resize, clipped to the resized
+resizes its image (`resize.resize_geometry` of config.data.resize, clipped to the resized
 image), and take its best IoU over all anchors of the padded bucket (config.anchors, levels
 P{min_level}..P{max_level}). The share of boxes whose best IoU reaches 0.5 (they get a foreground anchor from the IoU rule) and
 0.4 (at least not all background), by COCO object size. The size classes use COCO's definition,
@@ -29,6 +29,7 @@ from retina_jax import box_ops
 from retina_jax import cli
 from retina_jax import fileio
 from retina_jax.data import pipeline
+from retina_jax.data import resize
 
 SIZES = (('small', 0.0, 32.0 ** 2), ('medium', 32.0 ** 2, 96.0 ** 2),
          ('large', 96.0 ** 2, float('inf')))
@@ -52,8 +53,8 @@ def resized_boxes(coco_gt: dict, data_cfg) -> tuple[np.ndarray, np.ndarray]:
     if ann.get('iscrowd', 0) or ann['image_id'] not in hw:
       continue
     h, w = hw[ann['image_id']]
-    (nh, nw), (sy, sx) = pipeline.resize_geometry(h, w, data_cfg.min_size, data_cfg.max_size,
-                                                  data_cfg.image_size, data_cfg.resize)
+    (nh, nw), (sy, sx) = resize.resize_geometry(h, w, data_cfg.min_size, data_cfg.max_size,
+                                                data_cfg.image_size, data_cfg.resize)
     x, y, bw, bh = ann['bbox']
     box = np.asarray([x, y, x + bw, y + bh], np.float32) * np.asarray([sx, sy, sx, sy],
                                                                       np.float32)
