@@ -112,6 +112,9 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.data.name = 'coco/2017'  # shapes | coco_format | a tfds name
   config.data.root = ''  # coco_format: directory with annotations/ and <split>/; shapes: cache dir.
   config.data.tfds_data_dir = ''
+  # tfds: where each split's image size index is kept (built once from the image headers, for
+  # the training canvases); '' beside the prepared data. Local or gs://.
+  config.data.size_index_dir = ''
   config.data.train_split = 'train'
   config.data.eval_split = 'validation'
   config.data.min_size = 800  # Shorter side after resize.
@@ -131,7 +134,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   config.data.eval_buckets = 'orientation'
   # Training canvas: 'square' (image_size x image_size) or 'orientation' (every
   # global batch landscape or portrait, in the canvases above: ~1.8x fewer pixels on COCO;
-  # needs the image sizes before decoding, i.e. coco_format / shapes; tfds falls back to square).
+  # the image sizes come from the annotations, or for tfds from its size index).
   # 'torchvision' also works here (batches grouped by canvas, as in evaluation).
   config.data.train_buckets = 'square'
   config.data.random_flip = True

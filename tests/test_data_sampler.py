@@ -196,3 +196,21 @@ def test_eval_plan_of_odd_sizes_covers_every_image_once_on_every_host():
   cfg.eval_buckets = 'square'  # With sizes: the same plan as without them.
   assert [(c, m.tolist()) for c, m in sampler.eval_plan(cfg, 6, hw)] == [
       (c, m.tolist()) for c, m in square]
+
+
+def test_a_source_without_sizes_trains_in_the_square_bucket_with_a_warning(caplog):
+  class Unsized:  # No original_hw.
+    object_counts = None
+
+    def __len__(self):
+      return 5
+
+  cfg = config_lib.get_base_config().data
+  cfg.min_size, cfg.max_size, cfg.image_size, cfg.num_workers = 64, 128, 128, 1
+  cfg.train_buckets = 'orientation'
+  with caplog.at_level('INFO'):
+    loader = pipeline.TrainLoader(Unsized(), cfg, 1, seed=0, process_index=0, process_count=1)
+  assert loader.canvases == [(128, 128)]
+  warned = [r for r in caplog.records if r.levelname == 'WARNING']
+  assert len(warned) == 1 and 'Unsized does not list' in warned[0].getMessage()
+  assert "Training canvases (train_buckets='square'): [(128, 128)]" in caplog.text

@@ -1,6 +1,11 @@
-"""tfds source, offline: tfds.testing.mock_data serving our own COCO-like records."""
+"""tfds source, offline: tfds.testing.mock_data serving our own COCO-like records.
+
+The size index is tested on local disk only (it goes through retina_jax.fileio, as gs:// does).
+"""
 
 import io
+import json
+import logging
 
 import numpy as np
 import pytest
@@ -9,7 +14,9 @@ import tensorflow_datasets as tfds
 
 from retina_jax import config as config_lib
 from retina_jax.data import pipeline
+from retina_jax.data import tfds_source
 from retina_jax.data.categories import CategoryMap
+from tests import tiny_detector
 
 
 def _jpeg(h, w, seed):
@@ -119,3 +126,102 @@ def test_unprepared_data_set_is_not_called_prepared_in_another_format(tmp_path):
   assert str(tmp_path / 'coco' / '2017') in message
   assert 'tfds build coco/2017 --file_format=array_record' in message
   assert 'delete the data' not in message and 'already prepared' not in message
+
+
+def _records_of(root, split):
+  """tfds records of a COCO-layout folder (tiny_detector.write_coco_dir): the same image bytes,
+  ids and boxes (normalised [ymin, xmin, ymax, xmax]), in the annotation file's order."""
+  gt = json.loads((root / 'annotations' / f'instances_{split}.json').read_text())
+  records = []
+  for im in gt['images']:
+    h, w = im['height'], im['width']
+    anns = [a for a in gt['annotations'] if a['image_id'] == im['id']]
+    bbox = [[y / h, x / w, (y + bh) / h, (x + bw) / w]
+            for x, y, bw, bh in (a['bbox'] for a in anns)]
+    records.append({
+        'image': (root / split / im['file_name']).read_bytes(), 'image/id': im['id'],
+        'objects': {'bbox': np.asarray(bbox, np.float32).reshape(-1, 4),
+                    'label': np.zeros(len(anns), np.int64),
+                    'is_crowd': np.asarray([bool(a['iscrowd']) for a in anns]),
+                    'area': np.asarray([a['area'] for a in anns])}})
+  return records
+
+
+def _tfds_source(records, cfg, split='train'):
+  def serve(builder, split, decoders=None, **kwargs):  # pylint: disable=redefined-outer-name
+    del builder, decoders, kwargs
+    assert split == want
+    return records
+
+  want = split
+
+  with tfds.testing.mock_data(as_data_source_fn=serve):
+    return pipeline.create_source(cfg, split)
+
+
+SIZES = ((96, 128), (128, 96), (60, 200), (128, 128), (200, 70), (100, 100), (90, 120))
+
+
+def test_size_index_is_built_once_from_headers_and_rebuilt_when_stale(tmp_path, monkeypatch,
+                                                                     caplog):
+  tiny_detector.write_coco_dir(str(tmp_path / 'coco'), split='train', sizes=SIZES)
+  records = _records_of(tmp_path / 'coco', 'train')
+  cfg = _config()
+  cfg.size_index_dir = str(tmp_path / 'index')
+  np.testing.assert_array_equal(_tfds_source(records, cfg).original_hw, SIZES)
+  index_file = tmp_path / 'index' / 'retina_jax-sizes-train.json'
+  index = json.loads(index_file.read_text())
+  assert index['key'] == {'name': 'coco/2017', 'version': '1.1.0', 'split': 'train',
+                          'num_examples': len(SIZES)}
+  assert index['ids'] == [r['image/id'] for r in records]
+
+  def no_headers(data):
+    raise AssertionError('an image header was read although the index matches')
+
+  monkeypatch.setattr(tfds_source, '_header_hw', no_headers)
+  np.testing.assert_array_equal(_tfds_source(records, cfg).original_hw, SIZES)  # From the file.
+  monkeypatch.undo()
+  with caplog.at_level(logging.WARNING):  # Another size of the data set: rebuilt.
+    np.testing.assert_array_equal(_tfds_source(records[:-1], cfg).original_hw, SIZES[:-1])
+  assert 'rebuilding it' in caplog.text
+  assert json.loads(index_file.read_text())['key']['num_examples'] == len(SIZES) - 1
+  index['key']['version'] = '1.0.0'  # Another version with the same size: rebuilt too.
+  index_file.write_text(json.dumps(index))
+  caplog.clear()
+  with caplog.at_level(logging.WARNING):
+    np.testing.assert_array_equal(_tfds_source(records, cfg).original_hw, SIZES)
+  assert "'version': '1.0.0'" in caplog.text
+  index_file.write_text('{"key": ')  # Cut short: rebuilt, not fatal.
+  np.testing.assert_array_equal(_tfds_source(records, cfg).original_hw, SIZES)
+  assert json.loads(index_file.read_text())['key']['version'] == '1.1.0'
+
+
+@pytest.mark.parametrize('buckets', ['orientation', 'torchvision'])
+def test_tfds_trains_in_the_canvases_of_coco_format_resume_included(tmp_path, buckets, caplog):
+  tiny_detector.write_coco_dir(str(tmp_path / 'coco'), split='train', sizes=SIZES)
+  cfg = _config()
+  cfg.train_buckets, cfg.size_index_dir, cfg.max_boxes = buckets, str(tmp_path / 'index'), 4
+  with caplog.at_level(logging.INFO):
+    tfds_loader = pipeline.TrainLoader(_tfds_source(_records_of(tmp_path / 'coco', 'train'), cfg),
+                                       cfg, 2, seed=0, process_index=0, process_count=1)
+  assert f"Training canvases (train_buckets='{buckets}')" in caplog.text
+  assert 'square bucket' not in caplog.text
+  coco_cfg = cfg.copy_and_resolve_references()
+  coco_cfg.name, coco_cfg.root = 'coco_format', str(tmp_path / 'coco')
+  coco_loader = pipeline.TrainLoader(pipeline.create_source(coco_cfg, 'train'), coco_cfg, 2,
+                                     seed=0, process_index=0, process_count=1)
+  assert tfds_loader.canvases == coco_loader.canvases and len(tfds_loader.canvases) > 1
+  resumed = tfds_loader.iterate(3)
+  canvases = set()
+  for step in range(6):
+    a, b = tfds_loader.batch(step), coco_loader.batch(step)
+    canvases.add(a['image'].shape[1:3])
+    for k in ('image', 'image_id', 'image_hw', 'orig_hw', 'scale', 'box_valid', 'is_crowd'):
+      np.testing.assert_array_equal(a[k], b[k], err_msg=f'{k} at step {step}')
+    np.testing.assert_allclose(a['boxes'], b['boxes'], atol=1e-3)
+    if step >= 3:
+      r = next(resumed)
+      for k in a:
+        np.testing.assert_array_equal(r[k], a[k], err_msg=f'{k} at resumed step {step}')
+  resumed.close()
+  assert len(canvases) > 1

@@ -64,7 +64,9 @@ def create_source(data_config, split: str) -> Source:
       raise ValueError('config.data.name=coco_format needs config.data.root: a directory with '
                        'annotations/instances_<split>.json and <split>/ images.')
     return CocoFormatSource(data_config.root, split, skip_bad_images=skip)
-  return TfdsSource(data_config.name, split, data_config.tfds_data_dir)
+  return TfdsSource(data_config.name, split, data_config.tfds_data_dir,
+                    size_index_dir=data_config.get('size_index_dir', ''),
+                    num_workers=int(data_config.num_workers))
 
 
 def _blank_batch(batch_size: int, canvas: tuple[int, int], max_boxes: int,
@@ -198,9 +200,9 @@ class TrainLoader:
     buckets = data_config.get('train_buckets', 'square')
     hw = getattr(source, 'original_hw', None)
     if buckets != 'square' and hw is None:
-      logging.info('config.data.train_buckets=%r needs the image sizes before decoding, which '
-                   '%s does not list: training in the square bucket.', buckets,
-                   type(source).__name__)
+      logging.warning('config.data.train_buckets=%r needs the image sizes before decoding, which '
+                      '%s does not list: training in the square bucket.', buckets,
+                      type(source).__name__)
       buckets = 'square'
     self.canvases, groups = canvas_lib.train_canvases(data_config, hw, buckets,
                                                       augment.largest_min_size(data_config))
@@ -210,9 +212,8 @@ class TrainLoader:
         draw_config=data_config if augment.enabled(data_config) else None,
         process_index=process_index, process_count=process_count)
     self.local_batch_size = self._sampler.local_batch_size
-    if len(self.canvases) > 1:
-      logging.info('Training canvases %s with %s images.', self.canvases,
-                   self._sampler.group_sizes.tolist())
+    logging.info('Training canvases (train_buckets=%r): %s with %s images.', buckets,
+                 self.canvases, self._sampler.group_sizes.tolist())
 
   @property
   def steps_per_epoch(self) -> float:

@@ -13,15 +13,27 @@ ids 1..K in tfds order, named by their ClassLabel.
 
 Unlike the coco_format path there is no start-up pass over the annotations (that would read every
 record of the split); boxes with no area after conversion are dropped when an example is read.
+
+Image sizes (`original_hw`, which the orientation and torchvision training canvases group by)
+come from a size index of the split, (image id, height, width) per record read from the image
+headers (no pixel is decoded), built once on first use and kept as
+`retina_jax-sizes-<split>.json` beside the prepared data, or in config.data.size_index_dir
+(local or gs://; e.g. the workdir, when the data's folder is read-only). It records the data
+set's name, version, split and size, and is rebuilt when any of them has changed.
 """
 
+import concurrent.futures
+import functools
 import io
+import json
+import re
 from typing import Any
 
 from absl import logging
 import numpy as np
 from PIL import Image
 
+from retina_jax import fileio
 from retina_jax.data.categories import COCO_2017_NAMES, CategoryMap
 from retina_jax.data.coco_format import decode_image
 
@@ -61,6 +73,20 @@ def _missing_data_path(tfds, name: str, data_dir: str) -> str:
     return ''
 
 
+def _size_index_path(folder: str, split: str) -> str:
+  """The size index of `split` in `folder`; a split such as 'train[:10%]' named in safe
+  characters (the index records the exact split)."""
+  safe = re.sub(r'[^A-Za-z0-9_.-]', '_', split)
+  return str(fileio.Path(folder) / f'retina_jax-sizes-{safe}.json')
+
+
+def _header_hw(data: bytes) -> tuple[int, int]:
+  """(height, width) of an encoded image, from its header (the pixels are not decoded)."""
+  with Image.open(io.BytesIO(data)) as im:
+    w, h = im.size
+  return h, w
+
+
 def _category_map(name: str, info) -> CategoryMap:
   label = info.features['objects']['label']
   names = tuple(label.names)
@@ -80,9 +106,13 @@ class TfdsSource:
 
   object_counts = None  # Unknown without reading every record.
 
-  def __init__(self, name: str, split: str, data_dir: str = ''):
+  def __init__(self, name: str, split: str, data_dir: str = '', *, size_index_dir: str = '',
+               num_workers: int = 4):
     self.name, self.split = name, split
     self._source, info = _open(name, split, data_dir)
+    self._info = info
+    self._size_index_dir = size_index_dir
+    self._num_workers = max(1, int(num_workers))
     self.categories = _category_map(name, info)
     self.stats: dict[str, int] = {}
     logging.info('tfds %s[%s]: %d examples, %d categories', name, split, len(self),
@@ -123,6 +153,45 @@ class TfdsSource:
     return {'image': image, 'boxes': boxes, 'labels': labels, 'is_crowd': crowd,
             'image_id': image_id, 'path': self._where(i)}
 
+  def _id_hw(self, i: int) -> tuple[int, int, int]:
+    """(image id, height, width) of record i."""
+    _, data, image_id = self._record(i)
+    return (image_id, *_header_hw(data))
+
+  @functools.cached_property
+  def original_hw(self) -> np.ndarray:
+    """int32 [N, 2] (h, w) of every record's image, from the size index (see the module
+    docstring): read when it matches this data set, else built from the image headers and kept."""
+    path = _size_index_path(self._size_index_dir or str(self._info.data_dir), self.split)
+    key = {'name': self.name, 'version': str(self._info.version), 'split': self.split,
+           'num_examples': len(self)}
+    try:
+      index = json.loads(fileio.Path(path).read_text()) if fileio.Path(path).exists() else None
+    except (OSError, ValueError) as e:  # Unreadable or cut short: rebuilt like a stale one.
+      logging.warning('Size index %s unreadable (%s): rebuilding it.', path, e)
+      index = None
+    if index is not None and index.get('key') == key:
+      logging.info('tfds %s[%s]: image sizes from %s.', self.name, self.split, path)
+      return np.asarray(index['hw'], np.int32).reshape(-1, 2)
+    if index is not None:
+      logging.warning('Size index %s is for %s, not %s: rebuilding it.', path, index.get('key'),
+                      key)
+    logging.info('tfds %s[%s]: reading the image headers of %d records for the size index '
+                 '(once: it is kept at %s).', self.name, self.split, len(self), path)
+    with concurrent.futures.ThreadPoolExecutor(self._num_workers) as pool:
+      rows = list(pool.map(self._id_hw, range(len(self)), chunksize=256))
+    ids = [r[0] for r in rows]
+    hw = [[r[1], r[2]] for r in rows]
+    try:
+      fileio.Path(path).parent.mkdir(parents=True, exist_ok=True)
+      fileio.write_atomic(path, json.dumps({'key': key, 'ids': ids, 'hw': hw},
+                                           separators=(',', ':')))
+    except OSError as e:  # A read-only data folder: this run has the sizes; the next rebuilds.
+      logging.warning('Could not keep the size index at %s (%s); the next start will read the '
+                      'image headers again. Set config.data.size_index_dir to a writable folder '
+                      '(e.g. the workdir) to keep it.', path, e)
+    return np.asarray(hw, np.int32).reshape(-1, 2)
+
   def coco_gt(self, num_images: int = 0) -> dict:
     """pycocotools ground truth (original ids, original pixels, xywh) built from the records.
 
@@ -132,8 +201,7 @@ class TfdsSource:
     images, annotations = [], []
     for i in range(n):
       ex, data, image_id = self._record(i)
-      with Image.open(io.BytesIO(data)) as im:
-        w, h = im.size
+      h, w = _header_hw(data)
       images.append({'id': image_id, 'file_name': self._where(i), 'height': h, 'width': w})
       boxes, labels, crowd, area, _ = self._annotations(ex['objects'], h, w)
       cat_ids = self.categories.label_to_id(labels)
