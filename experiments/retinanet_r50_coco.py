@@ -24,8 +24,8 @@ def get_config(arg=None):
   config_lib.set_scale(config, arg.res)
   config_lib.set_augmentation(config, arg.aug, arg.res)
   config.data.name = 'coco/2017'
-  # Landscape / portrait batches (as detectron2's aspect-ratio grouping) where the image sizes
-  # are known up front: --config.data.name=coco_format; tfds trains in the square bucket.
+  # Landscape / portrait batches (as detectron2's aspect-ratio grouping), on tfds as on
+  # coco_format: tfds's image sizes come from its size index (config.data.size_index_dir).
   config.data.train_buckets = 'orientation'
   config.data.train_split = 'train'
   config.data.eval_split = 'validation'
