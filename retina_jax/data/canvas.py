@@ -1,28 +1,18 @@
 """Canvases: the (height, width) each resized image is padded into, for training
 (config.data.train_buckets) and evaluation (config.data.eval_buckets).
 
-Every canvas side is a multiple of 32, the stride of C5 (`check_image_size` for the square
-bucket, the rest rounded up). Batches hold images of one canvas, so the detector compiles once
-per canvas.
+Every canvas side is a multiple of 32, the stride of C5: the square bucket's by
+`retina_jax.sizes.check_canvases`, the others rounded up. Batches hold images of one canvas, so
+the detector compiles once per canvas.
 """
 
 from collections.abc import Sequence
 
 import numpy as np
 
-from retina_jax import anchors as anchors_lib
 from retina_jax.data import resize
 
 BUCKETS = ('orientation', 'square', 'torchvision')
-
-
-def check_image_size(data_config) -> int:
-  """config.data.image_size (the square bucket S), or ValueError when it is not a multiple of 32."""
-  s = int(data_config.image_size)
-  if s % anchors_lib.SIZE_MULTIPLE:
-    raise ValueError(f'config.data.image_size must be a multiple of {anchors_lib.SIZE_MULTIPLE} '
-                     f'(the stride of C5), got {s}.')
-  return s
 
 
 def canvas_for(data_config, h: int, w: int, buckets: str, min_size: int | None = None

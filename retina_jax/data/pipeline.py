@@ -39,6 +39,7 @@ from typing import Any
 from absl import logging
 import numpy as np
 
+from retina_jax import sizes
 from retina_jax.data import augment, canvas as canvas_lib, sampler, shapes
 # tools/pod_plan.py (another owner's file) still reads pipeline.canvas_for.
 from retina_jax.data.canvas import canvas_for  # pylint: disable=unused-import
@@ -132,7 +133,8 @@ class _Batcher:
   def __init__(self, source: Source, data_config):
     self.source = source
     self.data_config = data_config
-    self.image_size = canvas_lib.check_image_size(data_config)
+    sizes.check_canvases(data_config)  # What TrainLoader and eval_batches used directly need.
+    self.image_size = int(data_config.image_size)
     self.max_boxes = int(data_config.max_boxes)
     self.image_dtype = image_dtype(data_config)
     self.skip_bad_images = bool(data_config.get('skip_bad_images', False))
