@@ -234,10 +234,10 @@ def _r50(arg='', *overrides):
 
 
 def test_the_canvases_planned_are_the_ones_the_run_trains_and_evaluates_in():
-  """No compile: the README's tfds COCO config trains in the square bucket (a tfds source lists
-  no image sizes), the same on coco_format in landscape and portrait canvases."""
+  """No compile: the README's tfds COCO config trains in landscape and portrait canvases (tfds
+  lists its image sizes from its size index), as on coco_format."""
   canvases, note = pod_plan.train_canvases(_r50('res=800'))
-  assert canvases == [(1408, 1408)] and 'square bucket' in note and 'coco/2017' in note
+  assert canvases == [(800, 1344), (1344, 800)] and 'square' not in note
   canvases, note = pod_plan.train_canvases(_r50('res=800', '--config.data.name=coco_format'))
   assert canvases == [(800, 1344), (1344, 800)] and 'square' not in note
   # Multi-scale training holds its largest shorter side; 'square' is S x S wherever.

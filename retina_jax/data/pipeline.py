@@ -41,9 +41,6 @@ import numpy as np
 
 from retina_jax import sizes
 from retina_jax.data import augment, canvas as canvas_lib, sampler, shapes
-# tools/pod_plan.py (another owner's file) still reads canvas_for, eval_canvases and image_dtype
-# here; they live in canvas.py and resize.py.
-from retina_jax.data.canvas import canvas_for, eval_canvases  # pylint: disable=unused-import
 from retina_jax.data.coco_format import BadImageError, CocoFormatSource
 from retina_jax.data.preprocess import preprocess
 from retina_jax.data.resize import image_dtype

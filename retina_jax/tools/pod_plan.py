@@ -48,7 +48,8 @@ from retina_jax import sharding as sharding_lib
 from retina_jax import sizes
 from retina_jax import train
 from retina_jax.data import augment
-from retina_jax.data import pipeline
+from retina_jax.data import canvas as canvas_lib
+from retina_jax.data import resize
 from retina_jax.evaluation import evaluator
 from retina_jax.tools import hlo_stats
 
@@ -161,12 +162,6 @@ def _program(compiled, chip: Chip, images_per_chip: float, breakdown: int) -> di
   return result
 
 
-# The data sources that list every image's size before decoding, from which the training loader
-# groups its canvases (pipeline.create_source: the shapes set is COCO-format); a tfds source lists
-# none, so its run trains in the square bucket whatever config.data.train_buckets says.
-_SIZED_SOURCES = ('shapes', 'coco_format')
-
-
 def train_canvases(config) -> tuple[list[tuple[int, int]], str]:
   """The canvases the run will train in, and a note on how they follow from the config.
 
@@ -175,15 +170,11 @@ def train_canvases(config) -> tuple[list[tuple[int, int]], str]:
   at their caps; the run also trains in smaller ones). Multi-scale training holds its largest
   shorter side (augment.largest_min_size).
   """
-  data = config.data
+  data = config.data  # Every source lists its image sizes (tfds from its size index).
   buckets, note = data.train_buckets, f'config.data.train_buckets={data.train_buckets!r}'
-  if buckets != 'square' and data.name not in _SIZED_SOURCES:
-    note += (f' needs the image sizes before decoding, which the tfds source {data.name!r} '
-             'does not list: the run trains in the square bucket (its log says so)')
-    buckets = 'square'
   largest = augment.largest_min_size(data)
   longest = int(data.max_size)
-  canvases = [pipeline.canvas_for(data, h, w, buckets, largest)
+  canvases = [canvas_lib.canvas_for(data, h, w, buckets, largest)
               for h, w in ((largest, longest), (longest, largest))]
   if buckets == 'torchvision':
     note += ': the largest canvases, the run also trains in smaller ones'
@@ -193,9 +184,9 @@ def train_canvases(config) -> tuple[list[tuple[int, int]], str]:
 def eval_canvases(config) -> list[tuple[int, int]]:
   """The canvases the detector runs in (config.data.eval_buckets); under 'torchvision', whose
   canvas follows each image, the largest ones, which are the 'orientation' canvases."""
-  canvases = pipeline.eval_canvases(config.data)
+  canvases = canvas_lib.eval_canvases(config.data)
   if not canvases:
-    return [pipeline.canvas_for(config.data, *hw, 'orientation') for hw in ((1, 2), (2, 1))]
+    return [canvas_lib.canvas_for(config.data, *hw, 'orientation') for hw in ((1, 2), (2, 1))]
   return list(dict.fromkeys(canvases.values()))
 
 
@@ -270,7 +261,7 @@ def plan(config, topology: str, *, mfu: float = 0.4, detector: bool = True,
       t0 = time.perf_counter()
       lowered = detect_fn.lower(
           variables,
-          jax.ShapeDtypeStruct((eval_batch, *canvas, 3), pipeline.image_dtype(config.data),
+          jax.ShapeDtypeStruct((eval_batch, *canvas, 3), resize.image_dtype(config.data),
                                sharding=split),
           jax.ShapeDtypeStruct((eval_batch, 2), jnp.int32, sharding=split))
       detect = _program(_compile(lowered, f'detector ({canvas[0]}x{canvas[1]})', eval_batch,
