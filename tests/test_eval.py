@@ -281,10 +281,10 @@ def test_evaluate_variables_matches_single_image_prediction(coco_dir, tmp_path, 
 def test_skipped_unreadable_image_is_left_out_of_the_metrics(coco_dir, tmp_path, monkeypatch):
   from retina_jax.evaluation import evaluator  # pylint: disable=g-import-not-at-top
   calls = []
-  real = coco_eval.evaluate_detections
-  monkeypatch.setattr(coco_eval, 'evaluate_detections',
-                      lambda gt, results, image_ids=None: calls.append(image_ids) or real(
-                          gt, results, image_ids))
+  real, real_share = coco_eval.evaluate_detections, coco_eval.match_share
+  monkeypatch.setattr(coco_eval, 'match_share',
+                      lambda gt, results, image_ids=None, **kw: calls.append(image_ids) or
+                      real_share(gt, results, image_ids, **kw))
   src_root, gt = coco_dir
   root = shutil.copytree(src_root, tmp_path / 'data')
   victim = gt['images'][0]
@@ -374,3 +374,21 @@ def test_two_host_evaluation_equals_one_host(coco_dir, tmp_path):
     np.testing.assert_allclose(a['bbox'], b['bbox'], atol=1e-2)
   assert json.loads((out / 'metrics_val.json').read_text())['AP'] == pytest.approx(
       json.loads((one_dir / 'metrics_val.json').read_text())['AP'])
+
+
+def test_detector_cache_keeps_the_last_ones_used():
+  from retina_jax import sharding as sharding_lib  # pylint: disable=g-import-not-at-top
+  from retina_jax.evaluation import evaluator  # pylint: disable=g-import-not-at-top
+  cache = evaluator._Detectors(size=2)  # pylint: disable=protected-access
+  configs = []
+  for channels in (8, 16, 32):
+    config = tiny_detector.tiny_config()
+    config.model.head_channels = channels
+    configs.append(config)
+  mesh = sharding_lib.make_mesh(configs[0])
+  first = cache.get(configs[0], mesh)
+  assert cache.get(configs[0], mesh) is first  # Compiled once per (config, mesh).
+  cache.get(configs[1], mesh)
+  cache.get(configs[0], mesh)  # Used last: kept when a third comes.
+  cache.get(configs[2], mesh)
+  assert len(cache) == 2 and cache.get(configs[0], mesh) is first
