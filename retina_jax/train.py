@@ -7,7 +7,9 @@ at log, checkpoint and evaluation steps.
 """
 
 import functools
+import json
 import logging
+import types
 from typing import Any, Mapping
 
 import flax
@@ -31,6 +33,7 @@ from retina_jax import sizes
 from retina_jax.data import pipeline
 from retina_jax.data import preprocess
 from retina_jax.data import resize
+from retina_jax.evaluation import background as background_lib
 from retina_jax.evaluation import coco_eval
 from retina_jax.evaluation import evaluator
 
@@ -229,29 +232,98 @@ def check_finite(state: TrainState, manager, workdir: str):
 
 
 def evaluate_and_log(config, state: TrainState, step: int, *, workdir: str, mesh, logger,
-                     best_manager):
+                     best_manager, background: background_lib.BackgroundMetrics | None = None):
   """Evaluates `state` as the state of `step`, which is checkpointed already (the save completes
-  before a failure here leaves train_and_evaluate), logs the numbers and keeps the best."""
+  before a failure here leaves train_and_evaluate), logs the numbers and keeps the best.
+
+  With `background`, only the detector runs now (on the devices); the COCO metric is scored in
+  a thread while training goes on and logged, at `step`, when `background` finishes it.
+  """
   config = sizes.with_eval_batch(config, sizes.eval_batch_size(
       config, mesh.shape[sharding_lib.DATA_AXIS], jax.process_count()))
   variables = {'params': state.params, 'batch_stats': state.batch_stats}
+  if background is None:
+    try:
+      eval_metrics = evaluator.evaluate_variables(config, variables, workdir, mesh=mesh)
+    except Exception as e:  # pylint: disable=broad-except
+      raise evaluation_error(config, workdir, step, e) from e
+    log_evaluation(config, step, eval_metrics, variables, workdir=workdir, logger=logger,
+                   best_manager=best_manager)
+    return
   try:
-    eval_metrics = evaluator.evaluate_variables(config, variables, workdir, mesh=mesh)
+    detections = evaluator.detect_split(config, variables, workdir, mesh)
   except Exception as e:  # pylint: disable=broad-except
-    raise run_control.EvaluationError(
-        f'Evaluation of {config.data.eval_split!r} at step {step} failed '
-        f'({type(e).__name__}: {e}). Training progress is kept: checkpoint step {step} is '
-        f'saved in {workdir}; fix the cause and re-run the same command to resume (an '
-        'unreadable image can be left out with config.data.skip_bad_images=True).') from e
+    raise evaluation_error(config, workdir, step, e) from e
+  # The state is donated to the next step: the best checkpoint needs a copy of these.
+  kept = jax.tree.map(jnp.copy, variables) if best_manager is not None else None
+  background.submit(step, detections, kept)
+
+
+def evaluation_error(config, workdir: str, step: int, e: BaseException
+                     ) -> run_control.EvaluationError:
+  return run_control.EvaluationError(
+      f'Evaluation of {config.data.eval_split!r} at step {step} failed '
+      f'({type(e).__name__}: {e}). Training progress is kept: checkpoint step {step} is '
+      f'saved in {workdir}; fix the cause and re-run the same command to resume (an '
+      'unreadable image can be left out with config.data.skip_bad_images=True).')
+
+
+def log_evaluation(config, step: int, eval_metrics: dict, variables, *, workdir: str, logger,
+                   best_manager):
+  """Logs the metrics of the evaluation at `step`, keeps `variables` (that step's
+  {'params', 'batch_stats'}; None: not kept) as the best when they are, prints the table."""
   logger.write(step, {k: v for k, v in eval_metrics.items() if isinstance(v, (int, float))},
                prefix='eval')
-  if best_manager is not None and ckpt.save_if_best(
-      best_manager, config.keep_best_by, eval_metrics[config.keep_best_by], state):
+  if best_manager is not None and variables is not None and ckpt.save_if_best(
+      best_manager, config.keep_best_by, eval_metrics[config.keep_best_by],
+      types.SimpleNamespace(step=step, **variables)):
     logging.info('Best %s so far (%.4f) at step %d: kept in %s', config.keep_best_by,
                  eval_metrics[config.keep_best_by], step, ckpt.best_dir(workdir))
   if jax.process_index() == 0:
     print(f'Evaluation of {config.data.eval_split!r} at step {step} (written to {workdir}):\n'
           f'{coco_eval.format_table(eval_metrics)}', flush=True)
+
+
+def _logged_records(workdir: str) -> list[dict]:
+  """The records of the workdir's metrics.jsonl (a line cut short left out)."""
+  path = fileio.Path(workdir) / 'metrics.jsonl'
+  records = []
+  for line in path.read_text().splitlines() if path.exists() else []:
+    try:
+      records.append(json.loads(line))
+    except json.JSONDecodeError:
+      continue
+  return [r for r in records if isinstance(r, dict) and 'step' in r]
+
+
+def background_metrics(config, workdir: str, logger, best_manager, resume_step: int
+                       ) -> background_lib.BackgroundMetrics:
+  """The run's metric thread, after redoing what a stopped run left unfinished (at or before
+  `resume_step`) and the metrics log does not hold."""
+  background = background_lib.BackgroundMetrics(
+      workdir,
+      functools.partial(log_evaluation, config, workdir=workdir, logger=logger,
+                        best_manager=best_manager),
+      functools.partial(evaluation_error, config, workdir))
+  if resume_step <= 0:
+    return background
+  logged = {r['step'] for r in _logged_records(workdir) if any(k.startswith('eval/') for k in r)}
+
+  def variables_of_step(step):
+    if best_manager is None:
+      return None
+    try:
+      return ckpt.restore_variables(workdir, step)[0]
+    except Exception as e:  # pylint: disable=broad-except
+      logging.warning('Checkpoint step %d is gone (%s): its redone metric is logged but not '
+                      'compared for config.keep_best_by.', step, e)
+      return None
+
+  background.redo(resume_step, logged,
+                  lambda split: pipeline.create_source(config.data, split).coco_gt(
+                      config.data.max_eval_images),
+                  variables_of_step)
+  return background
 
 
 def with_categories(config: ml_collections.ConfigDict, categories) -> ml_collections.ConfigDict:
@@ -312,8 +384,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   logger = metrics_lib.MetricLogger(workdir, resume_step=start_step)
   preemption = run_control.Preemption()
   clock = run_control.StepClock(start_step)
+  background = background_metrics(config, workdir, logger, best_manager, start_step)
   evaluate = functools.partial(evaluate_and_log, config, workdir=workdir, mesh=mesh,
-                               logger=logger, best_manager=best_manager)
+                               logger=logger, best_manager=best_manager, background=background)
   pending: list[dict[str, jax.Array]] = []
   compiled = set()  # Canvases the train step has been compiled for.
   try:
@@ -344,6 +417,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
           summary['images_per_second'] = config.batch_size / per_step
           eta = run_control.format_eta(per_step * (total - step))
         logger.write(step, summary)
+        background.poll()  # Logs a finished evaluation metric, at its own step.
         logging.info('step %d/%d  loss %.4f (cls %.4f box %.4f)  fg %.1f  lr %.3g  %.1f img/s  '
                      'ETA %s', step, total, summary['loss'], summary['cls_loss'],
                      summary['box_loss'], summary['num_foreground'], summary['learning_rate'],
@@ -362,6 +436,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
       logging.warning('The checkpoint in %s is at step %d, past num_train_steps=%d: evaluating '
                       'it as it is.', workdir, start_step, total)
     evaluate(state, max(start_step, total))
+    background.wait()
   finally:
     ckpt.wait_until_saved(manager)
     logger.close()

@@ -209,3 +209,81 @@ def test_resumed_logger_drops_what_the_killed_run_logged_after_the_checkpoint(tm
   # A fresh run (step 0) appends to whatever is there.
   metrics_lib.MetricLogger(str(tmp_path), resume_step=0).close()
   assert len((tmp_path / 'metrics.jsonl').read_text().splitlines()) == 6
+
+
+def test_metric_is_computed_while_training_goes_on_and_survives_a_preemption(
+    shapes_root, tmp_path, monkeypatch):
+  """Each COCO metric is made slow (it waits until training has logged the next step): step 1's
+  is logged after step 2's training record, at step 1. Step 2's is still running when a
+  preemption stops the run at step 3: the resumed run scores it again and logs it once, at
+  step 2. Leaves out several hosts (the collective poll) and a redo with keep_best_by."""
+  import threading  # pylint: disable=g-import-not-at-top
+  from retina_jax.evaluation import evaluator  # pylint: disable=g-import-not-at-top
+  writes, cond, state = [], threading.Condition(), {'released': False}
+  real_write, real_score = metrics_lib.MetricLogger.write, evaluator.score
+
+  def write(self, step, metrics, prefix='train'):
+    real_write(self, step, metrics, prefix)
+    with cond:
+      writes.append((prefix, step))
+      cond.notify_all()
+
+  def slow_score(d, workdir):
+    with cond:
+      now = max(s for p, s in writes if p == 'train')
+      cond.wait_for(lambda: state['released'] or ('train', now + 1) in writes, timeout=120)
+      if state['released']:
+        raise RuntimeError('the process was stopped')
+    return real_score(d, workdir)
+
+  monkeypatch.setattr(metrics_lib.MetricLogger, 'write', write)
+  monkeypatch.setattr(evaluator, 'score', slow_score)
+  monkeypatch.setattr(run_control.Preemption, 'reached', lambda self, step: step == 3)
+  workdir = str(tmp_path)
+  config = tiny_config(shapes_root, num_train_steps=4, eval_every_steps=1,
+                       **{'data.eval_buckets': 'square'})  # One detector compilation.
+  with pytest.raises(run_control.Preempted):
+    train.train_and_evaluate(config, workdir)
+  assert writes.index(('eval', 1)) > writes.index(('train', 2))  # Trained on meanwhile.
+  assert ('eval', 2) not in writes
+  assert os.path.exists(os.path.join(workdir, 'pending_eval', '2.npz'))
+  with cond:
+    state['released'] = True
+    cond.notify_all()
+  monkeypatch.setattr(evaluator, 'score', real_score)
+  # What a resumed run does before it trains on (the training itself is left out: it is the
+  # tested resume): the kept detections of step 2 are scored and logged at step 2, once.
+  logger = metrics_lib.MetricLogger(workdir, resume_step=3)
+  background = train.background_metrics(train.with_categories(
+      config, pipeline.create_source(config.data, config.data.train_split).categories),
+      workdir, logger, None, resume_step=3)
+  assert background.pending_step == 2
+  background.wait()
+  logger.close()
+  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+    evals = [r['step'] for r in map(json.loads, f) if 'eval/AP' in r]
+  assert evals == [1, 2]
+  assert not os.listdir(os.path.join(workdir, 'pending_eval'))
+  assert train.background_metrics(config, workdir, logger, None, 3).pending_step is None
+
+
+def test_resumed_run_redoes_only_unlogged_metrics_at_or_before_its_step(tmp_path):
+  from retina_jax.evaluation import background as background_lib  # pylint: disable=g-import-not-at-top
+  from retina_jax.evaluation import evaluator  # pylint: disable=g-import-not-at-top
+  gt = {'images': [{'id': 5, 'width': 50, 'height': 40}],
+        'annotations': [{'id': 1, 'image_id': 5, 'category_id': 3, 'bbox': [1, 2, 20, 10],
+                         'area': 200, 'iscrowd': 0}],
+        'categories': [{'id': 3, 'name': 'c'}]}
+  dets = {'image_id': np.array([5]), 'example_valid': np.array([True]),
+          'boxes': np.array([[[1, 2, 21, 12]]], np.float32), 'scores': np.array([[0.9]]),
+          'labels': np.array([[0]]), 'valid': np.array([[True]])}
+  for step in (2, 3, 9):
+    background_lib._write_pending(str(tmp_path), step,  # pylint: disable=protected-access
+                                  evaluator.Detections('val', gt, dets, [3]))
+  logged = []
+  bg = background_lib.BackgroundMetrics(str(tmp_path), lambda *a: logged.append(a),
+                                        lambda step, e: e)
+  bg.redo(5, {2}, lambda split: gt, lambda step: f'variables of {step}')
+  bg.wait()
+  assert [(s, m['AP'], v) for s, m, v in logged] == [(3, 1.0, 'variables of 3')]
+  assert not os.listdir(tmp_path / 'pending_eval')
