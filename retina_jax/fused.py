@@ -38,6 +38,7 @@ from retina_jax import models
 from retina_jax import optim
 from retina_jax import run_control
 from retina_jax import sharding as sharding_lib
+from retina_jax import sizes
 from retina_jax import train
 from retina_jax.data import pipeline
 
@@ -81,11 +82,9 @@ def hparams(configs: Sequence[ml_collections.ConfigDict]) -> dict[str, np.ndarra
 def make_mesh(config: ml_collections.ConfigDict, num_members: int, devices=None):
   """The fused mesh: members over 'sweep' (config.mesh.sweep_parallelism), each member's batch
   over 'data'."""
-  sweep = config.mesh.sweep_parallelism
-  if num_members % sweep:
-    raise ValueError(f'config.mesh.sweep_parallelism={sweep} must divide the number of fused '
-                     f'members ({num_members})')
-  return sharding_lib.make_mesh(config, devices, sweep=sweep)
+  devices = jax.devices() if devices is None else devices
+  sizes.check_mesh(config, len(devices), members=num_members)
+  return sharding_lib.make_mesh(config, devices, sweep=config.mesh.sweep_parallelism)
 
 
 def make_train_step(config: ml_collections.ConfigDict, model, mesh):
@@ -149,7 +148,8 @@ def train_and_evaluate(configs: Sequence[ml_collections.ConfigDict], workdirs: S
     train.validate_config(config)
     run_control.make_writable_workdir(workdir)
   mesh = make_mesh(configs[0], len(configs))
-  sharding_lib.check_batch_size(configs[0].batch_size, mesh)
+  sizes.check_batch('config.batch_size', configs[0].batch_size,
+                    mesh.shape[sharding_lib.DATA_AXIS], jax.process_count())
   source = pipeline.create_source(configs[0].data, configs[0].data.train_split)
   members = [_Member(train.with_categories(c, source.categories), w)
              for c, w in zip(configs, workdirs)]

@@ -25,6 +25,8 @@ import ml_collections
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from retina_jax import sizes
+
 DATA_AXIS = 'data'
 MODEL_AXIS = 'model'
 SWEEP_AXIS = 'sweep'
@@ -35,11 +37,8 @@ def make_mesh(config: ml_collections.ConfigDict, devices=None, sweep: int = 1) -
   'sweep' axis of that size, which the members are split over."""
   devices = np.asarray(jax.devices() if devices is None else devices)
   model = config.mesh.model_parallelism
-  if devices.size % (model * sweep):
-    raise ValueError(f'{devices.size} devices cannot be split into a model axis of {model} '
-                     '(config.mesh.model_parallelism)' + (
-                         f' and a sweep axis of {sweep} (config.mesh.sweep_parallelism)'
-                         if sweep > 1 else ''))
+  if devices.size % (model * sweep):  # sizes' rule, which names a value that works.
+    sizes.check_mesh(config, devices.size, members=sweep if sweep > 1 else 0)
   if sweep == 1:
     return Mesh(devices.reshape(devices.size // model, model), (DATA_AXIS, MODEL_AXIS))
   return Mesh(devices.reshape(sweep, devices.size // (model * sweep), model),
@@ -114,15 +113,6 @@ def constrain(x: jax.Array, names: Sequence[str]) -> jax.Array:
 
 def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
-
-
-def check_batch_size(global_batch: int, mesh: Mesh, what: str = 'config.batch_size') -> int:
-  """Returns the host-local batch size, or says how to fix an indivisible global batch."""
-  data_size = mesh.shape[DATA_AXIS]
-  if global_batch % data_size or global_batch % jax.process_count():
-    raise ValueError(f'{what}={global_batch} must be a multiple of the data-parallel size '
-                     f'{data_size} and of the number of hosts {jax.process_count()}')
-  return global_batch // jax.process_count()
 
 
 def to_global(host_batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:

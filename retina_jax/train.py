@@ -7,7 +7,6 @@ at log, checkpoint and evaluation steps.
 """
 
 import functools
-import json
 import logging
 import types
 from typing import Any, Mapping
@@ -284,18 +283,6 @@ def log_evaluation(config, step: int, eval_metrics: dict, variables, *, workdir:
           f'{coco_eval.format_table(eval_metrics)}', flush=True)
 
 
-def _logged_records(workdir: str) -> list[dict]:
-  """The records of the workdir's metrics.jsonl (a line cut short left out)."""
-  path = fileio.Path(workdir) / 'metrics.jsonl'
-  records = []
-  for line in path.read_text().splitlines() if path.exists() else []:
-    try:
-      records.append(json.loads(line))
-    except json.JSONDecodeError:
-      continue
-  return [r for r in records if isinstance(r, dict) and 'step' in r]
-
-
 def background_metrics(config, workdir: str, logger, best_manager, resume_step: int
                        ) -> background_lib.BackgroundMetrics:
   """The run's metric thread, after redoing what a stopped run left unfinished (at or before
@@ -307,7 +294,8 @@ def background_metrics(config, workdir: str, logger, best_manager, resume_step: 
       functools.partial(evaluation_error, config, workdir))
   if resume_step <= 0:
     return background
-  logged = {r['step'] for r in _logged_records(workdir) if any(k.startswith('eval/') for k in r)}
+  logged = {r['step'] for r in metrics_lib.read_records(workdir)
+            if 'step' in r and any(k.startswith('eval/') for k in r)}
 
   def variables_of_step(step):
     if best_manager is None:

@@ -24,6 +24,7 @@ from retina_jax import inference
 from retina_jax import models
 from retina_jax import saved_config
 from retina_jax import sharding as sharding_lib
+from retina_jax import sizes
 from retina_jax import visualize
 from retina_jax.data import pipeline
 from retina_jax.evaluation import coco_eval
@@ -68,15 +69,16 @@ def run_detector(config, variables, source, categories, mesh, num_pictures: int 
   """Detections of this host's share of the eval images.
 
   image_hw: original (h, w) of the eval images, which picks each one's canvas
-  (`pipeline.eval_canvas`); every batch is S x S without it.
+  (`canvas.eval_canvas`); every batch is S x S without it.
 
   Returns:
     (arrays, pictures): arrays as `coco_eval.DetectionAccumulator.arrays` with boxes in
     original-image pixels; up to `num_pictures` PIL images of the first eval images with their
     detections drawn (resized image, as the model saw it).
   """
-  local_batch = sharding_lib.check_batch_size(config.eval_batch_size, mesh,
-                                              'config.eval_batch_size')
+  sizes.check_batch('config.eval_batch_size', config.eval_batch_size,
+                    mesh.shape[sharding_lib.DATA_AXIS], jax.process_count())
+  local_batch = config.eval_batch_size // jax.process_count()
   detect = sharded_detect(config, mesh)
   variables = jax.device_put(variables, sharding_lib.replicated(mesh))
   spec = sharding_lib.batch_sharding(mesh).spec
