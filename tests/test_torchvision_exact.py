@@ -7,7 +7,8 @@ A ResNet-18 RetinaNet with 64-channel FPN and heads at min_size 128 / max_size 2
 torchvision forward and our compiles small; the conventions checked are those of any size.
 Not covered: R50 at 800 / 1333 (only its conversion, in test_convert.py), and torchvision's
 batch padding in our input pipeline: the training test pads its batch to the batch's largest
-sides itself, since TrainLoader has no such canvas rule.
+sides itself, since TrainLoader's train_buckets='torchvision' batches images of one canvas
+(each image's resized sides rounded up to 32) instead of padding to the batch's largest.
 """
 
 import json

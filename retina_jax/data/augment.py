@@ -22,8 +22,8 @@ alone, `random_flip`):
   brightness, contrast, saturation, hue      photometric distortion with torchvision
       ColorJitter's meaning (factors from [1 - x, 1 + x]; hue shift from [-hue, hue] turns),
       applied in that fixed order to the final pixels (PIL's ImageEnhance, as torchvision's PIL
-      backend; so only with config.data.resize='pil'). The hue costs most (an HSV round trip,
-      ~65 ms for an 800 x 1067 image on one core, the other three ~7 ms together).
+      backend; so only with config.data.resize='pil'). The hue costs most: an HSV round trip
+      (its time against the other three: benchmarks/RESULTS.md).
 
 Resume: `draw` is a pure function of (seed, stream position), like the order and the flip (see
 `retina_jax.data.sampler`): each example's draw comes from numpy's PCG64 seeded with

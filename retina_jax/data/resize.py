@@ -115,8 +115,8 @@ def interpolate_torchvision(image: np.ndarray, hw: tuple[int, int], device) -> j
 
 @functools.cache
 def _host_cpu():
-  """XLA's CPU device, where the host pipeline interpolates: 4x faster than numpy's gathers and
-  faster than PIL on uint8 (benchmarks/resize_rules.py). The default device when the CPU
+  """XLA's CPU device, where the host pipeline interpolates: faster than numpy's gathers and
+  than PIL on uint8 (benchmarks/RESULTS.md, "Resize rules"). The default device when the CPU
   backend is not enabled (JAX_PLATFORMS without cpu). Looked up on first use, not at import,
   so that jax.distributed.initialize can still run first."""
   try:
