@@ -156,9 +156,11 @@ def test_unknown_topology_says_what_to_write():
 
 
 def test_without_a_tpu_chip_jax_starts_on_the_cpu_quietly():
+  """What every entry point does first (importing the package chooses nothing)."""
   env = tiny_detector.subprocess_env()
   env.pop('JAX_PLATFORMS', None)
-  out = subprocess.run([sys.executable, '-c', 'import retina_jax, jax; print(jax.default_backend())'],
+  out = subprocess.run([sys.executable, '-c', 'from retina_jax import cli; cli.skip_absent_tpu(); '
+                        'import jax; print(jax.default_backend())'],
                        env=env, capture_output=True, text=True, check=True)
   assert out.stdout.strip() == 'cpu'
   assert 'TPU' not in out.stderr, out.stderr
