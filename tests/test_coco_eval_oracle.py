@@ -3,9 +3,6 @@ all 12 numbers and per category, on every kind of set the evaluation sees; its c
 hosts sharing the matching get one host's numbers."""
 
 import json
-import socket
-import subprocess
-import sys
 import textwrap
 
 import numpy as np
@@ -188,21 +185,8 @@ _SHARED_WORKER = textwrap.dedent('''
 
 @pytest.mark.slow
 def test_two_hosts_share_the_categories_and_get_one_host_numbers(tmp_path):
-  with socket.socket() as s:
-    s.bind(('127.0.0.1', 0))
-    port = s.getsockname()[1]
-  script = tmp_path / 'worker.py'
-  script.write_text(_SHARED_WORKER)
-  env = tiny_detector.subprocess_env(
-      XLA_FLAGS='--xla_force_host_platform_device_count=1', JAX_PLATFORMS='cpu')
-  procs = [subprocess.Popen([sys.executable, str(script), str(port), str(i)], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-           for i in range(2)]
-  outs = []
-  for p in procs:
-    out, err = p.communicate(timeout=120)
-    assert p.returncode == 0, err[-3000:]
-    outs.append(json.loads(out.split('RESULT', 1)[1]))
+  outs = [json.loads(out.split('RESULT', 1)[1])
+          for out in tiny_detector.run_workers(tmp_path, _SHARED_WORKER)]
   gt, dets, cat_ids = coco_eval_speed.make_problem(num_images=40, dets_per_image=30,
                                                    num_categories=9, seed=7)
   mine = [o['mine'] for o in outs]

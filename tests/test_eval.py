@@ -2,7 +2,6 @@
 
 import json
 import shutil
-import socket
 import subprocess
 import sys
 import textwrap
@@ -198,21 +197,8 @@ _GATHER_WORKER = textwrap.dedent('''
 
 @pytest.mark.slow
 def test_gather_across_two_processes_counts_each_image_once(tmp_path):
-  with socket.socket() as s:
-    s.bind(('127.0.0.1', 0))
-    port = s.getsockname()[1]
-  script = tmp_path / 'worker.py'
-  script.write_text(_GATHER_WORKER)
-  env = tiny_detector.subprocess_env(
-      XLA_FLAGS='--xla_force_host_platform_device_count=1', JAX_PLATFORMS='cpu')
-  procs = [subprocess.Popen([sys.executable, str(script), str(port), str(i)], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-           for i in range(2)]
-  outs = []
-  for p in procs:
-    out, err = p.communicate(timeout=120)
-    assert p.returncode == 0, err[-3000:]
-    outs.append(json.loads(out.split('RESULT', 1)[1]))
+  outs = [json.loads(out.split('RESULT', 1)[1])
+          for out in tiny_detector.run_workers(tmp_path, _GATHER_WORKER)]
   assert outs[0] == outs[1]  # Every host ends with the same global list.
   assert outs[0]['ids'] == [1, 2, 3, 2**33 + 4]
   assert outs[0]['scores'] == [0.5, 0.5, 0.5, 1.5]  # Image 3 from host 0 (first seen) only.
@@ -346,20 +332,8 @@ def test_two_host_evaluation_equals_one_host(coco_dir, tmp_path):
   """2 processes x 2 devices, global eval batch 4 split 2 + 2, 6 images: same detections."""
   from retina_jax.evaluation import evaluator  # pylint: disable=g-import-not-at-top
   root, _ = coco_dir
-  with socket.socket() as s:
-    s.bind(('127.0.0.1', 0))
-    port = s.getsockname()[1]
-  script = tmp_path / 'worker.py'
-  script.write_text(_EVAL_WORKER)
   out = tmp_path / 'two_hosts'
-  env = tiny_detector.subprocess_env(
-      XLA_FLAGS='--xla_force_host_platform_device_count=2', JAX_PLATFORMS='cpu')
-  procs = [subprocess.Popen([sys.executable, str(script), str(port), str(i), str(root), str(out)],
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-           for i in range(2)]
-  for p in procs:
-    _, err = p.communicate(timeout=300)
-    assert p.returncode == 0, err[-3000:]
+  tiny_detector.run_workers(tmp_path, _EVAL_WORKER, str(root), str(out), devices=2, timeout=300)
   two = json.loads((out / 'detections_val.json').read_text())
 
   config = tiny_detector.coco_dir_config(root)

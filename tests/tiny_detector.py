@@ -6,6 +6,9 @@ image has detections above the score threshold.
 """
 
 import os
+import socket
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -27,6 +30,29 @@ def subprocess_env(**overrides) -> dict:
   env = dict(os.environ, **overrides)
   env['PYTHONPATH'] = os.pathsep.join([REPO_ROOT, os.environ.get('PYTHONPATH', '')])
   return env
+
+
+def run_workers(tmp_path, script: str, *args: str, devices: int = 1, timeout: int = 120,
+                processes: int = 2) -> list[str]:
+  """Runs `script` as `processes` CPU processes of one jax.distributed run, each with `devices`
+  devices and the arguments (coordinator port, process id, *args); returns their stdouts after
+  checking that each exited 0."""
+  with socket.socket() as s:
+    s.bind(('127.0.0.1', 0))
+    port = s.getsockname()[1]
+  path = tmp_path / 'worker.py'
+  path.write_text(script)
+  env = subprocess_env(XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}',
+                       JAX_PLATFORMS='cpu')
+  procs = [subprocess.Popen([sys.executable, str(path), str(port), str(i), *args], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+           for i in range(processes)]
+  outs = []
+  for p in procs:
+    out, err = p.communicate(timeout=timeout)
+    assert p.returncode == 0, err[-3000:]
+    outs.append(out)
+  return outs
 
 
 def tiny_config(image_size: int = 128):
