@@ -89,6 +89,20 @@ def make_problem(num_images: int = 5000, dets_per_image: int = 100, num_categori
   return gt, dets, cat_ids
 
 
+def _timed(name, score, dets, cat_ids):
+  """score(results, times) from the detector's arrays, each phase timed into `times` ->
+  (metrics, total seconds, times); the results list is built by each side's own run."""
+  times = {}
+  t0 = time.perf_counter()
+  results = coco_eval.to_coco_results(dets, cat_ids)
+  times['to_coco_results'] = time.perf_counter() - t0
+  metrics = score(results, times)
+  total = time.perf_counter() - t0
+  print(f'{name}: {total:.2f} s  ' + '  '.join(f'{k} {v:.2f}' for k, v in times.items()),
+        flush=True)
+  return metrics, total, times
+
+
 def main():
   parser = argparse.ArgumentParser()
   parser.add_argument('--images', type=int, default=5000)
@@ -102,29 +116,18 @@ def main():
   print(f'generated {len(gt["images"])} images, {len(gt["annotations"])} GT boxes, '
         f'{int(dets["valid"].sum())} detections in {time.perf_counter() - t:.1f} s', flush=True)
 
-  ours_times = {}
-  t0 = time.perf_counter()
-  t = time.perf_counter()
-  results = coco_eval.to_coco_results(dets, cat_ids)
-  ours_times['to_coco_results'] = time.perf_counter() - t
-  ours = coco_eval.evaluate_detections(gt, results, times=ours_times)
-  ours_total = time.perf_counter() - t0
-  print(f'ours: {ours_total:.2f} s  ' + '  '.join(f'{k} {v:.2f}' for k, v in
-                                                 ours_times.items()), flush=True)
+  ours, ours_total, ours_times = _timed(
+      'ours', lambda results, times: coco_eval.evaluate_detections(gt, results, times=times),
+      dets, cat_ids)
   row = {'date': time.strftime('%Y-%m-%d'), 'machine': f'{platform.machine()}, '
          f'{_cpu_count()} cores', 'images': args.images, 'dets_per_image': args.dets,
          'gt_boxes': len(gt['annotations']), 'ours_s': ours_total, 'ours_phases': ours_times,
          'AP': ours['AP']}
   if not args.skip_pycocotools:
-    ref_times = {}
-    t0 = time.perf_counter()
-    t = time.perf_counter()
-    results = coco_eval.to_coco_results(dets, cat_ids)
-    ref_times['to_coco_results'] = time.perf_counter() - t
-    ref = coco_oracle.pycocotools_metrics(gt, results, times=ref_times)
-    ref_total = time.perf_counter() - t0
-    print(f'pycocotools: {ref_total:.2f} s  ' + '  '.join(f'{k} {v:.2f}' for k, v in
-                                                         ref_times.items()), flush=True)
+    ref, ref_total, ref_times = _timed(
+        'pycocotools',
+        lambda results, times: coco_oracle.pycocotools_metrics(gt, results, times=times),
+        dets, cat_ids)
     row.update(pycocotools_s=ref_total, pycocotools_phases=ref_times,
                ratio=ours_total / ref_total, max_abs_difference=coco_oracle.max_difference(ours, ref))
     print(f'ours / pycocotools = {row["ratio"]:.3f}; largest difference of the 12 numbers and '
