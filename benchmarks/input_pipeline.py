@@ -110,17 +110,15 @@ def _recipes(args) -> dict:
     config = module.get_config(f'res={args.res},aug={augs[0]}')
     config.data.name, config.data.root = 'coco_format', root
     _measure(config.data, config.batch_size, 1)  # Untimed: the process's first-use costs.
+    batches = max(1, math.ceil(args.images / config.batch_size))
     for _ in range(args.rounds):
       for aug in augs:
         for n in workers:
           config = module.get_config(f'res={args.res},aug={aug}')
           config.data.name, config.data.root, config.data.num_workers = 'coco_format', root, n
-          batches = max(1, math.ceil(args.images / config.batch_size))
           runs[aug, n].append(_measure(config.data, config.batch_size, batches))
-  out = {'images_per_case': max(1, math.ceil(args.images / config.batch_size)) *
-                            config.batch_size,
-         'batch_size': config.batch_size, 'canvases': 'orientation (800x1344, 1344x800)'
-         if config.data.train_buckets == 'orientation' else config.data.train_buckets}
+  out = {'images_per_case': batches * config.batch_size, 'batch_size': config.batch_size,
+         'train_buckets': config.data.train_buckets}
   for aug in augs:
     row = {}
     for n in workers:
