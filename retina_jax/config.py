@@ -19,12 +19,15 @@ Conventions that every module relies on (one source of truth, do not redefine el
 import importlib.util
 import math
 import os
+import inspect
 import types
 from typing import Sequence
 
 from absl import flags
 import ml_collections
 from ml_collections import config_flags
+
+from retina_jax import hyper
 
 
 def get_base_config() -> ml_collections.ConfigDict:
@@ -289,6 +292,27 @@ def load_experiment(path: str) -> types.ModuleType:
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module
+
+
+def load_sweep(spec: str) -> list[hyper.Setting]:
+  """The settings of the experiment file's `get_sweep(hyper[, arg])` for 'FILE[:ARG]'.
+
+  Raises ValueError when the file defines no get_sweep.
+  """
+  path, _, arg = spec.partition(':')
+  module = load_experiment(path)
+  if not hasattr(module, 'get_sweep'):
+    raise ValueError(f'{path} defines no get_sweep(hyper)')
+  get_sweep = module.get_sweep
+  takes_arg = len(inspect.signature(get_sweep).parameters) > 1
+  return get_sweep(hyper, arg or None) if takes_arg else get_sweep(hyper)
+
+
+def sweep_configs(spec: str, settings: Sequence[hyper.Setting], overrides: Sequence[str] = ()
+                  ) -> list[ml_collections.ConfigDict]:
+  """Each setting's config, as its own run `python -m retina_jax.main --config=SPEC <the
+  setting's flags> OVERRIDES...` builds it (scripts/sweep.py --fused, tools/pod_plan --sweep)."""
+  return [from_flags(spec, [*hyper.to_flags(s), *overrides]) for s in settings]
 
 
 def from_flags(spec: str, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:

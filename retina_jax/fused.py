@@ -106,6 +106,25 @@ def make_train_step(config: ml_collections.ConfigDict, model, mesh):
                  out_shardings=(stacked, stacked), donate_argnums=(0,))
 
 
+def abstract_states(config: ml_collections.ConfigDict, model, mesh, num_members: int) -> Any:
+  """Shapes, dtypes and shardings of the stacked state [M, ...] that `train_and_evaluate` builds
+  (`stack` of the members' states), without computing it (for ahead-of-time compiles)."""
+  state, _ = train.abstract_train_state(config, model, mesh)
+  stacked = jax.eval_shape(lambda s: jax.tree.map(lambda x: jnp.stack([x] * num_members), s),
+                           state)
+  sharding = sharding_lib.member_sharding(mesh)
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
+                      stacked)
+
+
+def abstract_hparams(num_members: int, mesh) -> dict[str, jax.ShapeDtypeStruct]:
+  """The `hparams` argument of the fused step as abstract arrays [M], laid out as the run's."""
+  sharding = sharding_lib.member_sharding(mesh)
+  return {path.split('.')[-1]: jax.ShapeDtypeStruct((num_members,), jnp.float32,
+                                                   sharding=sharding)
+          for path in FUSED_FIELDS}
+
+
 def stack(states: Sequence[Any], mesh) -> Any:
   """Member states -> one state with a leading member axis."""
   return jax.jit(lambda *s: jax.tree.map(lambda *x: jnp.stack(x), *s),
@@ -273,14 +292,15 @@ def train_and_evaluate(configs: Sequence[ml_collections.ConfigDict], workdirs: S
   return results
 
 
-def plan(configs: Sequence[ml_collections.ConfigDict], workdirs: Sequence[str]
+def plan(configs: Sequence[ml_collections.ConfigDict], workdirs: Sequence[str] | None = None
          ) -> tuple[list[list[int]], str]:
   """Splits a sweep into fusable groups (member indices, in sweep order) and says why in one
   line: by the fields outside FUSED_FIELDS that differ, and by the step each member's newest
-  checkpoint resumes at (one input stream starts at one step)."""
+  checkpoint resumes at (one input stream starts at one step). workdirs=None: every member
+  starts afresh (a plan made before any run, tools/pod_plan --sweep)."""
   groups: dict[tuple[str, Any], list[int]] = {}
-  for i, (config, workdir) in enumerate(zip(configs, workdirs)):
-    key = (_structure_key(config), _latest_step(workdir))
+  for i, config in enumerate(configs):
+    key = (_structure_key(config), None if workdirs is None else _latest_step(workdirs[i]))
     groups.setdefault(key, []).append(i)
   fields = unfusable_fields(configs)
   steps = sorted({k[1] for k in groups}, key=lambda s: -1 if s is None else s)

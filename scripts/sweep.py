@@ -22,7 +22,6 @@ also written to DIR/<experiment>[:<arg>]/summary.md.
 
 import argparse
 import hashlib
-import inspect
 import json
 import logging
 import os
@@ -40,13 +39,10 @@ from retina_jax import hyper  # pylint: disable=g-import-not-at-top
 
 
 def load_sweep(spec: str) -> list[dict]:
-  path, _, arg = spec.partition(':')
-  module = config_lib.load_experiment(path)
-  if not hasattr(module, 'get_sweep'):
-    raise SystemExit(f'{path} defines no get_sweep(hyper)')
-  get_sweep = module.get_sweep
-  takes_arg = len(inspect.signature(get_sweep).parameters) > 1
-  return get_sweep(hyper, arg or None) if takes_arg else get_sweep(hyper)
+  try:
+    return config_lib.load_sweep(spec)
+  except ValueError as e:  # No get_sweep: one line, no traceback.
+    raise SystemExit(str(e)) from e
 
 
 # Longer workdir names are shortened with a hash: most file systems allow 255 bytes a name.
@@ -126,7 +122,7 @@ def run_fused(spec: str, workdir_root: str, extra: list[str], dry_run: bool):
                                    commands(spec, workdir_root, extra, sys.executable)):
     members.setdefault(workdir, setting)
   workdirs = list(members)
-  configs = [config_lib.from_flags(spec, [*hyper.to_flags(s), *extra]) for s in members.values()]
+  configs = config_lib.sweep_configs(spec, list(members.values()), extra)
   skip = [finished_step(w) is not None for w in workdirs]
   for workdir, skipped in zip(workdirs, skip):
     print(f'{workdir}{": finished and evaluated, skipped" if skipped else ""}', flush=True)

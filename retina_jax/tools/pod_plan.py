@@ -2,6 +2,8 @@
 
   python -m retina_jax.tools.pod_plan --config experiments/<file>.py[:arg] --topology v5e:16x16 \
       [--config.x=y ...] [--json] [--breakdown] [--mfu 0.4] [--nodetector] [--eval_images 5000]
+  python -m retina_jax.tools.pod_plan --sweep experiments/<file>.py[:arg] --topology v5e:8x8 \
+      [--config.x=y ...] [--json] [--breakdown] [--mfu 0.4]
 
 First, within seconds and without compiling, the size rules of `retina_jax.sizes` are checked
 for the pod's chips and hosts, as the run checks them at start-up (the batches, the mesh, the
@@ -24,6 +26,17 @@ detector's time for one evaluation pass of --eval_images images at the bound.
 Every figure is an ahead-of-time-compile estimate or bound, not a measurement; collectives' ICI
 time, the input pipeline and the host's COCO metric are not in the bound. Exits 1 with one line
 naming the batch and the memory when a program does not fit.
+
+--sweep plans what `scripts/sweep.py FILE[:ARG] --fused -- --config.x=y ...` trains instead: the
+groups of fusable members (`fused.plan`, every member starting afresh) and, per group, the size
+rules the fused run checks (members over config.mesh.sweep_parallelism, each member's batch over
+the rest of the chips; a group that cannot tile the pod is refused with one line, exit 1, naming
+a config.mesh that tiles where one exists), its vmapped train step (`fused.make_train_step` on
+the stacked state, `fused.abstract_states`) compiled for the pod in each canvas, the memory,
+FLOPs and bound per chip as above, and the sweep's hours and chip-hours (chips x hours) against
+the same members run one after another, each alone on the slice of the same generation that its
+batch fills with one image per chip (`separate_topology`: v5e:4x4 for batch 16). The evaluation
+detector is not compiled there (each member evaluates as its own run does).
 """
 
 import dataclasses
@@ -40,9 +53,13 @@ from absl import app
 from absl import flags
 import jax
 import jax.numpy as jnp
+import ml_collections
 from ml_collections import config_flags
 
 from retina_jax import cli
+from retina_jax import config as config_lib
+from retina_jax import fused
+from retina_jax import hyper
 from retina_jax import models
 from retina_jax import sharding as sharding_lib
 from retina_jax import sizes
@@ -196,6 +213,28 @@ def _state_bytes(state) -> int:
                  for x in jax.tree.leaves(state)))
 
 
+def _check_state(state, chip: Chip, topology: str, what: str = 'the train state') -> int:
+  """Bytes per chip of `state`; raises PlanError when they alone outgrow a chip's HBM."""
+  state_bytes = _state_bytes(state)
+  if state_bytes > chip.hbm_bytes:
+    raise PlanError(f'{what} does not fit: {state_bytes / GIB:.2f} GiB per chip '
+                    f'(parameters and optimizer state, replicated), more than the '
+                    f'{chip.hbm_bytes / GIB:.0f} GiB of HBM of {topology}; choose a smaller '
+                    'model (config.model) or a chip with more HBM')
+  return state_bytes
+
+
+def _schedule_hours(steps: int, programs: list[dict], chip: Chip, mfu: float
+                    ) -> tuple[float, float]:
+  """Hours of `steps` steps of the slowest of `programs` (train steps, one per canvas): at the
+  roofline bound, and at `mfu`."""
+  # The canvases' mix depends on the data: the slowest canvas bounds the schedule from above.
+  slowest = max(programs, key=lambda p: p['bound_seconds'])
+  # A step cannot beat its roofline bound, whatever share of the peak FLOP/s it reaches.
+  at_mfu = max(slowest['flops'] / (chip.peak_bf16_flops * mfu), slowest['bound_seconds'])
+  return steps * slowest['bound_seconds'] / 3600, steps * at_mfu / 3600
+
+
 def plan(config, topology: str, *, mfu: float = 0.4, detector: bool = True,
          breakdown: int = 0, eval_images: int = 5000) -> dict:
   """Compiles the train step in each canvas the run trains in (and the detector in each canvas
@@ -222,13 +261,7 @@ def plan(config, topology: str, *, mfu: float = 0.4, detector: bool = True,
             config.num_train_steps}
   model = models.create_model(config, mesh)
   state, tx = train.abstract_train_state(config, model, mesh)
-  state_bytes = _state_bytes(state)
-  report['state_bytes_per_chip'] = state_bytes
-  if state_bytes > chip.hbm_bytes:
-    raise PlanError(f'the train state does not fit: {state_bytes / GIB:.2f} GiB per chip '
-                    f'(parameters and optimizer state, replicated), more than the '
-                    f'{chip.hbm_bytes / GIB:.0f} GiB of HBM of {topology}; choose a smaller '
-                    'model (config.model) or a chip with more HBM')
+  report['state_bytes_per_chip'] = _check_state(state, chip, topology)
   step_fn = train.make_train_step(config, model, tx, mesh)
   report['train_steps'] = []
   for canvas in canvases:
@@ -242,13 +275,8 @@ def plan(config, topology: str, *, mfu: float = 0.4, detector: bool = True,
     step['input_images_per_second_per_host'] = (batch / hosts / step['bound_seconds']
                                                 if step['bound_seconds'] else 0.0)
     report['train_steps'].append(step)
-  # The canvases' mix depends on the data: the slowest canvas bounds the schedule from above.
-  slowest = max(report['train_steps'], key=lambda p: p['bound_seconds'])
-  steps = config.num_train_steps
-  report['schedule_hours_at_bound'] = steps * slowest['bound_seconds'] / 3600
-  # A step cannot beat its roofline bound, whatever share of the peak FLOP/s it reaches.
-  at_mfu = max(slowest['flops'] / (chip.peak_bf16_flops * mfu), slowest['bound_seconds'])
-  report['schedule_hours_at_mfu'] = steps * at_mfu / 3600
+  report['schedule_hours_at_bound'], report['schedule_hours_at_mfu'] = _schedule_hours(
+      config.num_train_steps, report['train_steps'], chip, mfu)
   report['input_images_per_second_per_host'] = max(
       p['input_images_per_second_per_host'] for p in report['train_steps'])
   if detector:
@@ -357,10 +385,209 @@ def format_report(r: dict) -> str:
   return '\n'.join(lines)
 
 
+# The slices of each generation, fewest chips first, as `topology_devices` takes their shapes:
+# where the separate runs of a planned sweep go (`separate_topology`).
+SLICES = {
+    'v4': ('2x2x1', '2x2x2', '2x2x4', '2x4x4', '4x4x4', '4x4x8', '4x8x8', '8x8x8'),
+    'v5e': ('1x1', '2x2', '2x4', '4x4', '4x8', '8x8', '8x16', '16x16'),
+    'v5p': ('2x2x1', '2x2x2', '2x2x4', '2x4x4', '4x4x4', '4x4x8', '4x8x8', '8x8x8'),
+    'v6e': ('1x1', '2x2', '2x4', '4x4', '4x8', '8x8', '8x16', '16x16'),
+}
+
+
+def separate_topology(config, generation: str) -> str:
+  """Where one member of a sweep runs alone, one whole image per chip: the largest slice of
+  `generation` whose chips divide config.batch_size (v5e:4x4, 16 chips, for batch 16)."""
+  for shape in reversed(SLICES[generation]):
+    if config.batch_size % math.prod(int(n) for n in shape.split('x')) == 0:
+      return f'{generation}:{shape}'
+  raise PlanError(f'config.batch_size={config.batch_size} splits over no slice of {generation}')
+
+
+def sweep_members(spec: str, overrides=()) -> tuple[list[str], list]:
+  """(setting names, configs) of the experiment's sweep, each config as its own run builds it
+  with the `--config.x=y` `overrides` (a setting listed twice counts once, as in
+  scripts/sweep.py --fused)."""
+  settings = {}
+  for setting in config_lib.load_sweep(spec):
+    settings.setdefault(hyper.setting_name(setting), setting)
+  return list(settings), config_lib.sweep_configs(spec, list(settings.values()), overrides)
+
+
+def _with_mesh(config, **mesh):
+  config = ml_collections.ConfigDict(config.to_dict())
+  config.mesh.update(mesh)
+  return config
+
+
+def fused_layouts(config, members: int, chips: int, hosts: int) -> list[str]:
+  """The config.mesh flags under which a fused group of `members` members of `config` passes
+  the size rules on the pod, fewest chips per image first, then most members apart."""
+  layouts = []
+  for model in (d for d in range(1, chips + 1) if chips % d == 0):
+    for sweep in sorted((d for d in range(1, members + 1) if members % d == 0), reverse=True):
+      try:
+        sizes.check(_with_mesh(config, model_parallelism=model, sweep_parallelism=sweep), chips,
+                    hosts, members=members)
+      except sizes.SizeError:
+        continue
+      layouts.append(f'--config.mesh.model_parallelism={model} '
+                     f'--config.mesh.sweep_parallelism={sweep}')
+  return layouts
+
+
+def _plan_group(config, names: list[str], devices, chip: Chip, topology: str, mfu: float,
+                breakdown: int) -> dict:
+  """The fused step of one group on the pod, and its members run one after another alone."""
+  chips, hosts, members = len(devices), len({d.process_index for d in devices}), len(names)
+  batch = config.batch_size
+  try:
+    # The rules the fused run checks at start-up (fused.train_and_evaluate; it evaluates too).
+    sizes.check(config, chips, hosts, members=members)
+  except sizes.SizeError as e:
+    layouts = fused_layouts(config, members, chips, hosts)
+    hint = (f'; a config.mesh that tiles: {layouts[0]}' if layouts else
+            f'; no config.mesh.model_parallelism x sweep_parallelism tiles {members} members '
+            f'at batch {batch} on it')
+    raise PlanError(f'{members} fused members: {e} ({topology}: {chips} chips, {hosts} '
+                    f'hosts){hint}') from e
+  mesh = fused.make_mesh(config, members, devices)
+  model = models.create_model(config, mesh)
+  states = fused.abstract_states(config, model, mesh, members)
+  group = {'members': names, 'num_members': members, 'mesh': dict(mesh.shape),
+           'batch_size': batch, 'member_images_per_chip': members * batch / chips,
+           'num_train_steps': config.num_train_steps,
+           'state_bytes_per_chip': _check_state(states, chip, topology,
+                                                f'the state of {members} fused members')}
+  step_fn = fused.make_train_step(config, model, mesh)
+  numbers = fused.abstract_hparams(members, mesh)
+  group['train_steps'] = []
+  for canvas in train_canvases(config)[0]:
+    t0 = time.perf_counter()
+    lowered = step_fn.lower(states, train.abstract_batch(config, mesh, canvas), numbers)
+    what = f'fused train step of {members} members ({canvas[0]}x{canvas[1]})'
+    step = _program(_compile(lowered, what, batch, chips), chip, members * batch / chips,
+                    breakdown)
+    step['canvas'] = list(canvas)
+    step['compile_seconds'] = time.perf_counter() - t0
+    group['train_steps'].append(step)
+  try:
+    check_fits({'chip': dataclasses.asdict(chip), 'chips': chips, 'batch_size': batch,
+                'topology': topology, 'train_steps': group['train_steps']})
+  except PlanError as e:
+    raise PlanError(f'{members} fused members: {e}') from e
+  group['hours_at_bound'], group['hours_at_mfu'] = _schedule_hours(
+      config.num_train_steps, group['train_steps'], chip, mfu)
+  # Alone: members of one group differ only in traced numbers, so one plan is every member's.
+  alone = separate_topology(config, topology.partition(':')[0])
+  try:
+    single = plan(_with_mesh(config, model_parallelism=1), alone, mfu=mfu, detector=False)
+    check_fits(single)
+  except PlanError as e:
+    group['separate'] = {'topology': alone, 'error': str(e)}
+    return group
+  group['separate'] = {
+      'topology': alone, 'chips': single['chips'], 'hosts': single['hosts'],
+      'mesh': single['mesh'], 'train_steps': single['train_steps'],
+      'hours_at_bound': members * single['schedule_hours_at_bound'],
+      'hours_at_mfu': members * single['schedule_hours_at_mfu']}
+  return group
+
+
+def plan_sweep(spec: str, topology: str, overrides=(), *, mfu: float = 0.4,
+               breakdown: int = 0) -> dict:
+  """Plans `scripts/sweep.py SPEC --fused -- OVERRIDES` on `topology`: its fused groups
+  (`fused.plan`, every member starting afresh), each group's vmapped train step compiled for the
+  pod's chips in each canvas it trains in, and the sweep's hours and chip-hours against the same
+  members run one after another, each alone on the slice its batch fills (`separate_topology`,
+  whole images, one per chip). The evaluation detector is left out (each member evaluates as
+  its own run does). Raises PlanError (one line) as `plan` does, and when a group's members and
+  batch cannot tile the pod, naming a config.mesh that does where one exists.
+  """
+  try:
+    names, configs = sweep_members(spec, overrides)
+  except ValueError as e:
+    raise PlanError(str(e)) from e
+  devices, chip = topology_devices(topology)
+  chips, hosts = len(devices), len({d.process_index for d in devices})
+  indices, why = fused.plan(configs)
+  report = {'sweep': spec, 'overrides': list(overrides), 'topology': topology,
+            'device_kind': devices[0].device_kind, 'chips': chips, 'hosts': hosts,
+            'chip': dataclasses.asdict(chip), 'mfu': mfu, 'members': names, 'grouping': why,
+            'groups': []}
+  for group in indices:
+    report['groups'].append(_plan_group(configs[group[0]], [names[i] for i in group], devices,
+                                        chip, topology, mfu, breakdown))
+  for key in ('hours_at_bound', 'hours_at_mfu'):
+    # The groups, and the separate runs, go one after another.
+    fused_hours = sum(g[key] for g in report['groups'])
+    report[f'fused_{key}'] = fused_hours
+    report[f'fused_chip_{key}'] = chips * fused_hours
+    separate = [g['separate'] for g in report['groups']]
+    if all('error' not in s for s in separate):
+      report[f'separate_{key}'] = sum(s[key] for s in separate)
+      report[f'separate_chip_{key}'] = sum(s['chips'] * s[key] for s in separate)
+      report[f'chip_{key}_ratio'] = (report[f'fused_chip_{key}']
+                                     / report[f'separate_chip_{key}'])
+  return report
+
+
+def format_sweep_report(r: dict) -> str:
+  chip = r['chip']
+  lines = [
+      f"Fused sweep {r['sweep']}" + (f" ({' '.join(r['overrides'])})" if r['overrides'] else '')
+      + f" on {r['topology']} ({r['device_kind']}): {r['chips']} chips, {r['hosts']} hosts; "
+      f"{r['grouping']}.",
+      f"Chip: {chip['peak_bf16_flops'] / 1e12:.0f} TFLOP/s bf16, {chip['hbm_bytes'] / GIB:.0f} "
+      f"GiB HBM at {chip['hbm_bandwidth'] / 1e9:.0f} GB/s ({chip['source']}).",
+      'All figures: ahead-of-time compile estimates / bounds per chip, not measurements; every '
+      'member starts afresh; the evaluations are not counted.']
+  for g_index, g in enumerate(r['groups']):
+    lines.append(f"Group {g_index + 1}: {g['num_members']} members ({', '.join(g['members'])}), "
+                 f"mesh {g['mesh']}, batch {g['batch_size']} each: "
+                 f"{g['member_images_per_chip']:g} member-images per chip per step; state "
+                 f"{g['state_bytes_per_chip'] / GIB:.2f} GiB per chip.")
+    for p in g['train_steps']:
+      m = p['memory']
+      lines += [
+          f"  fused train step ({p['canvas'][0]}x{p['canvas'][1]}, compiled in "
+          f"{p['compile_seconds']:.0f} s): memory per chip: arguments {m['arguments'] / GIB:.2f} "
+          f"GiB, temporaries {m['temporaries'] / GIB:.2f} GiB, peak {m['peak'] / GIB:.2f} GiB "
+          f"of {chip['hbm_bytes'] / GIB:.0f} GiB",
+          f"    per chip per step: {p['flops'] / 1e12:.3g} TFLOP, "
+          f"{p['bytes_accessed'] / 1e9:.3g} GB accessed; roofline bound "
+          f"{p['bound_seconds'] * 1e3:.1f} ms (bound by {p['bound_by']}), "
+          f"{p['images_per_second_per_chip']:.1f} member-images/s per chip"]
+    lines.append(f"  {g['num_train_steps']} steps fused: {_hours(g['hours_at_bound'])} at the "
+                 f"bound, {_hours(g['hours_at_mfu'])} at {r['mfu']:.0%} MFU.")
+    s = g['separate']
+    if 'error' in s:
+      lines.append(f"  alone on {s['topology']}: not planned: {s['error']}")
+      continue
+    p = max(s['train_steps'], key=lambda p: p['bound_seconds'])
+    lines.append(f"  alone, one after another, each on {s['topology']} ({s['chips']} chips, mesh "
+                 f"{s['mesh']}): step bound {p['bound_seconds'] * 1e3:.1f} ms, peak "
+                 f"{p['memory']['peak'] / GIB:.2f} GiB; {_hours(s['hours_at_bound'])} at the "
+                 f"bound, {_hours(s['hours_at_mfu'])} at {r['mfu']:.0%} MFU.")
+  lines.append(f"Sweep fused: {_hours(r['fused_hours_at_bound'])} on {r['chips']} chips = "
+               f"{r['fused_chip_hours_at_bound']:.3g} chip-hours at the bound "
+               f"({r['fused_chip_hours_at_mfu']:.3g} at {r['mfu']:.0%} MFU).")
+  if 'separate_hours_at_bound' in r:
+    lines.append(f"Separately: {_hours(r['separate_hours_at_bound'])} = "
+                 f"{r['separate_chip_hours_at_bound']:.3g} chip-hours at the bound "
+                 f"({r['separate_chip_hours_at_mfu']:.3g} at {r['mfu']:.0%} MFU); fused / "
+                 f"separate chip-hours: {r['chip_hours_at_bound_ratio']:.2f} at the bound, "
+                 f"{r['chip_hours_at_mfu_ratio']:.2f} at {r['mfu']:.0%} MFU.")
+  return '\n'.join(lines)
+
+
 def _define_flags():
   return {
       'config': config_flags.DEFINE_config_file('config', None, 'Experiment config file.',
                                                 lock_config=True),
+      'sweep': flags.DEFINE_string('sweep', '', 'Plan this experiment\'s sweep, FILE[:ARG], as '
+                                   'scripts/sweep.py --fused trains it, instead of one --config; '
+                                   '--config.x=y flags then apply to every member.'),
       'topology': flags.DEFINE_string('topology', '', 'TPU topology, e.g. v5e:16x16, v4:2x2x4, '
                                       'v5p:4x4x4.'),
       'json': flags.DEFINE_bool('json', False, 'Print the report as one JSON object.'),
@@ -374,27 +601,40 @@ def _define_flags():
   }
 
 
-def main(fl, argv):
+def main(fl, overrides, argv):
   del argv
-  config = fl['config'].value
-  if config is None or not fl['topology'].value:
-    raise app.UsageError('--config and --topology are required.')
+  config, sweep = fl['config'].value, fl['sweep'].value
+  if (config is None) == (not sweep) or not fl['topology'].value:
+    raise app.UsageError('--topology and one of --config and --sweep are required.')
   # Compile-only: never take an attached accelerator from a job that may run beside this.
   jax.config.update('jax_platforms', 'cpu')
+  breakdown = _TOP if fl['breakdown'].value else 0
   try:
-    report = plan(config, fl['topology'].value, mfu=fl['mfu'].value,
-                  detector=fl['detector'].value, breakdown=_TOP if fl['breakdown'].value else 0,
-                  eval_images=fl['eval_images'].value)
-    check_fits(report)
+    if sweep:
+      report = plan_sweep(sweep, fl['topology'].value, overrides, mfu=fl['mfu'].value,
+                          breakdown=breakdown)
+    else:
+      report = plan(config, fl['topology'].value, mfu=fl['mfu'].value,
+                    detector=fl['detector'].value, breakdown=breakdown,
+                    eval_images=fl['eval_images'].value)
+      check_fits(report)
   except PlanError as e:
     sys.stderr.write(f'pod_plan: {e}\n')
     sys.exit(1)
-  print(json.dumps(report) if fl['json'].value else format_report(report))
+  if fl['json'].value:
+    print(json.dumps(report))
+  else:
+    print(format_sweep_report(report) if sweep else format_report(report))
 
 
 def run():
   fl = _define_flags()
-  app.run(functools.partial(main, fl), argv=sys.argv, flags_parser=cli.parse_flags)
+  argv, overrides = sys.argv, []
+  if any(a == '--sweep' or a.startswith('--sweep=') for a in argv):
+    # Every member's overrides, as after scripts/sweep.py's `--`: no --config file to apply to.
+    overrides = [a for a in argv[1:] if a.startswith('--config.')]
+    argv = [a for a in argv if not a.startswith('--config.')]
+  app.run(functools.partial(main, fl, overrides), argv=argv, flags_parser=cli.parse_flags)
 
 
 if __name__ == '__main__':
