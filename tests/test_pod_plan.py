@@ -284,3 +284,74 @@ def test_a_train_state_larger_than_the_hbm_is_refused_before_compiling(monkeypat
     pod_plan.plan(_config(), 'v5e:2x2')
   assert str(error.value).startswith('the train state does not fit: ')
   assert 'GiB per chip' in str(error.value) and '\n' not in str(error.value)
+
+
+# The shapes demo's sweep (Table 1b on shapes: 5 members fused in one program) made small enough
+# to compile in seconds: 64 px, batch 4, the tiny model's narrow FPN and heads.
+_SMALL_SWEEP = ['--config.data.image_size=64', '--config.data.min_size=64',
+                '--config.data.max_size=64', '--config.batch_size=4', '--config.eval_batch_size=4',
+                '--config.model.fpn_channels=16', '--config.model.head_channels=16',
+                '--config.model.head_convs=1', '--config.data.max_boxes=8']
+
+
+def _plan_sweep(*flags):
+  return subprocess.run(
+      [sys.executable, '-m', 'retina_jax.tools.pod_plan', '--sweep',
+       'experiments/smoke/shapes_demo.py', *_SMALL_SWEEP, *flags],
+      env=tiny_detector.subprocess_env(), cwd=tiny_detector.REPO_ROOT, capture_output=True,
+      text=True, timeout=600, check=False)
+
+
+@pytest.mark.slow
+def test_a_fused_sweep_is_planned_on_the_pod_against_its_members_run_alone():
+  out = _plan_sweep('--topology', 'v5e:2x2', '--json')
+  assert out.returncode == 0, out.stderr[-2000:]
+  r = json.loads(out.stdout)
+  assert len(r['members']) == 5 and r['chips'] == 4 and len(r['groups']) == 1
+  (group,) = r['groups']
+  assert group['num_members'] == 5 and group['mesh'] == {'data': 4, 'model': 1}
+  assert group['member_images_per_chip'] == 5 * 4 / 4
+  (step,) = group['train_steps']
+  assert step['canvas'] == [64, 64]
+  assert 0 < group['state_bytes_per_chip'] <= step['memory']['arguments']
+  assert 0 < step['memory']['peak'] < r['chip']['hbm_bytes']
+  assert step['bound_seconds'] == max(step['flops_seconds'], step['bytes_seconds']) > 0
+  assert group['hours_at_bound'] == pytest.approx(1200 * step['bound_seconds'] / 3600)
+  # Alone, batch 4 fills the 4 chips of v5e:2x2 with one image each; five runs in a row.
+  separate = group['separate']
+  assert separate['topology'] == 'v5e:2x2' and separate['mesh'] == {'data': 4, 'model': 1}
+  alone = separate['train_steps'][0]['bound_seconds']
+  assert separate['hours_at_bound'] == pytest.approx(5 * 1200 * alone / 3600)
+  assert r['fused_chip_hours_at_bound'] == pytest.approx(4 * group['hours_at_bound'])
+  assert r['separate_chip_hours_at_bound'] == pytest.approx(4 * separate['hours_at_bound'])
+  assert r['chip_hours_at_bound_ratio'] == pytest.approx(
+      r['fused_chip_hours_at_bound'] / r['separate_chip_hours_at_bound'])
+  assert r['fused_chip_hours_at_mfu'] >= r['fused_chip_hours_at_bound']
+  # Each member's model runs: several times one member's FLOPs per chip (XLA counts 4.0x for
+  # the 5 members: the batch's matching is shared).
+  assert step['flops'] > 3 * separate['train_steps'][0]['flops']
+  text = pod_plan.format_sweep_report(r)
+  assert '5 members fused in one program' in text and 'fused / separate chip-hours' in text
+
+
+@pytest.mark.slow
+def test_a_fused_sweep_whose_members_cannot_tile_the_pod_is_refused_in_one_line():
+  out = _plan_sweep('--topology', 'v5e:2x2', '--config.mesh.sweep_parallelism=2')
+  assert out.returncode == 1 and not out.stdout
+  (line,) = [l for l in out.stderr.splitlines() if l.startswith('pod_plan:')]
+  assert line.startswith('pod_plan: 5 fused members: config.mesh.sweep_parallelism=2 must divide '
+                         'the number of fused members (5)')
+  assert line.endswith('a config.mesh that tiles: --config.mesh.model_parallelism=1 '
+                       '--config.mesh.sweep_parallelism=1')
+
+
+def test_the_focal_sweeps_layouts_and_separate_slices_follow_the_size_rules():
+  """No compile: Table 1b's 7 members at batch 16 tile v5e:8x8 (64 chips, 16 hosts of 4) only
+  with each image over 4 chips, and nothing tiles v5e:8x16; alone, batch 16 fills v5e:4x4."""
+  names, configs = pod_plan.sweep_members('experiments/focal_sweep.py:table=1b')
+  assert len(names) == 7 and configs[0].batch_size == 16
+  assert pod_plan.fused_layouts(configs[0], 7, 64, 16) == [
+      '--config.mesh.model_parallelism=4 --config.mesh.sweep_parallelism=1']
+  assert pod_plan.fused_layouts(configs[0], 7, 128, 32) == []
+  assert pod_plan.separate_topology(configs[0], 'v5e') == 'v5e:4x4'
+  assert pod_plan.separate_topology(configs[0], 'v4') == 'v4:2x2x4'
