@@ -1,5 +1,5 @@
 """What the entry points share: the platform choice, and command-line parsing (main, export,
-evaluate, predict, tools)."""
+evaluate, predict, tools, scripts/sweep.py)."""
 
 import functools
 import importlib.util
@@ -67,6 +67,26 @@ def parse_flags(argv: list[str]) -> list[str]:
                      f'{path!r}. {hint + " " if hint else ""}Only the fields of the config '
                      'can be overridden (see retina_jax/config.py).\n')
     sys.exit(1)
+
+
+def define_distributed_flags() -> dict[str, flags.FlagHolder]:
+  """The multi-process flags of the training commands (retina_jax.main, scripts/sweep.py
+  --fused), by name: `hosts.initialize(**{name: holder.value ...})` takes them."""
+  return {
+      'coordinator_address': flags.DEFINE_string(
+          'coordinator_address', '', 'host:port of process 0 for multi-process runs outside a '
+          'TPU pod (CPU/GPU clusters).'),
+      'num_processes': flags.DEFINE_integer('num_processes', 1, 'With --coordinator_address.'),
+      'process_id': flags.DEFINE_integer('process_id', 0, 'With --coordinator_address.'),
+      'distributed': flags.DEFINE_bool(
+          'distributed', False, 'Call jax.distributed.initialize() with what the environment '
+          'says (TPU pods, SLURM).'),
+      'host_timeout_seconds': flags.DEFINE_integer(
+          'host_timeout_seconds', 120, 'Multi-process runs: how long a process may show no '
+          'sign of life before every other one stops with exit code 75, naming it. A process '
+          'that fails says so at once: the others stop within seconds, naming it, with exit '
+          'code 1.'),
+  }
 
 
 def define_config_flag(default: str):

@@ -19,11 +19,17 @@ when every process is alive. Only a peer without a beat for `timeout_s` (killed,
 unreachable) is lost: the others stop naming it and exit 75 (`EXIT_HOST_LOST`: restart them
 all). Process 0 leaves last: the service lives in it, and the others' last reads go through it.
 The service's own heartbeat timeout is kept longer, as a backstop.
+
+`initialize` starts a multi-process run and `run` runs a training command's work under the
+watchdog, ending the process with its code (retina_jax.main and scripts/sweep.py --fused).
 """
 
+import logging as std_logging
+import os
+import sys
 import threading
 import time
-from typing import Callable
+from typing import Callable, NoReturn
 
 from absl import logging
 import jax
@@ -31,9 +37,76 @@ import jax
 # (orbax reaches it the same way).
 from jax._src import distributed as jax_distributed
 
+from retina_jax import checkpoint
+from retina_jax import run_control
+from retina_jax import sizes
+
 EXIT_FAILED = 1
 # EX_TEMPFAIL: another process was lost; this one stopped without saving. Restart them all.
 EXIT_HOST_LOST = 75
+# 128 + SIGTERM: what a shell reports for a process that SIGTERM ended, so a scheduler sees the
+# same code whether the signal came before or after training could save.
+EXIT_PREEMPTED = 143
+
+# Errors whose message says what happened, where and what to do: logged without a traceback.
+_SAYS_WHAT_TO_DO = (run_control.NonFiniteError, run_control.WorkdirError,
+                    run_control.EvaluationError, checkpoint.DamagedCheckpointError,
+                    checkpoint.CheckpointWriteError, sizes.SizeError)
+
+
+def initialize(coordinator_address: str = '', num_processes: int = 1, process_id: int = 0,
+               distributed: bool = False, host_timeout_seconds: int = 120):
+  """Starts jax.distributed for a multi-process run (the flags of
+  `cli.define_distributed_flags`); a single-process run (no address, not `distributed`) starts
+  nothing."""
+  # jax's own heartbeat timeout aborts the survivors (exit 134): only the backstop of
+  # PeerWatchdog, which names the lost process first.
+  timeouts = {'heartbeat_timeout_seconds': host_timeout_seconds + 60}
+  if coordinator_address:
+    # Only affects CPU devices (the multi-process CPU tests); must precede backend start-up.
+    jax.config.update('jax_cpu_collectives_implementation', 'gloo')
+    jax.distributed.initialize(coordinator_address, num_processes=num_processes,
+                               process_id=process_id, **timeouts)
+  elif distributed:
+    jax.distributed.initialize(**timeouts)
+
+
+def exit_now(code: int) -> NoReturn:
+  """Exits without jax.distributed's shutdown barrier: other processes may be waiting for this
+  one in a collective, and learn that it is gone (their watchdogs name it) only once it is."""
+  for stream in [h for h in std_logging.getLogger().handlers] + [sys.stdout, sys.stderr]:
+    stream.flush()
+  os._exit(code)  # pylint: disable=protected-access
+
+
+def run(work: Callable[[], None], host_timeout_seconds: int) -> NoReturn:
+  """Runs `work()` and ends the process with the code that says what happened to the run: 0
+  finished; EXIT_PREEMPTED after run_control.Preempted (saved; re-run to resume); EXIT_FAILED
+  after an error, here or (named) on another process; EXIT_HOST_LOST when another process was
+  lost. With several processes a `PeerWatchdog` settles the code with the peers."""
+  # Its thread ends the process (EXIT_HOST_LOST or EXIT_FAILED) when a peer was lost or failed,
+  # while the main one may hang in a collective.
+  watchdog = (PeerWatchdog(host_timeout_seconds, exit_now=exit_now)
+              if jax.process_count() > 1 else None)
+  try:
+    work()
+    code = 0
+  except run_control.Preempted as e:
+    logging.warning('%s', e)
+    code = EXIT_PREEMPTED
+  except Exception as e:  # pylint: disable=broad-except
+    if watchdog and watchdog.stopping:  # A peer failed or was lost first, most likely the cause.
+      logging.warning('Then process %d failed too: %s', jax.process_index(), one_line(e))
+    elif isinstance(e, _SAYS_WHAT_TO_DO):
+      logging.error('%s', e)
+    else:
+      logging.exception('Training failed:')
+    if watchdog:  # Tells the peers, waits for them to settle, then ends with their verdict.
+      watchdog.fail(one_line(e))
+    exit_now(EXIT_FAILED)
+  if watchdog:
+    watchdog.stop()  # Finished or preempted, as every other process.
+  sys.exit(code)
 
 _ALIVE = 'retina_jax/alive/'
 _FAILED = 'retina_jax/failed/'

@@ -1,6 +1,6 @@
 """What decides when a training run acts and how it stops: the periodic-action rule (`itstime`),
 the step clock behind images/s and the ETA, preemption, the workdir probe at start-up, and the
-errors that end a run with a message saying what to do (main.py maps them to exit codes)."""
+errors that end a run with a message saying what to do (hosts.run maps them to exit codes)."""
 
 import signal
 import time
@@ -64,7 +64,7 @@ class Preemption:
 
 class Preempted(Exception):
   """Training stopped early on a preemption request, after the checkpoint of `step` was saved
-  on every host; re-running the same command resumes there (main.py exits 143 for it)."""
+  on every host; re-running the same command resumes there (hosts.run exits 143 for it)."""
 
   def __init__(self, step: int, workdir: str):
     super().__init__(f'Preempted: saved step {step} in {workdir}; re-run the same command to '
