@@ -20,13 +20,20 @@ evaluate, export, predict and a re-run of the sweep (which resumes or skips each
 per member. A member whose loss or gradient goes non-finite is stopped: its updates are masked
 from that step on (`train.train_step`), its last good checkpoint stays the newest, and its log
 and metrics.jsonl say so; the other members go on.
+
+On several hosts every host runs the same sweep (one process each): the mesh spans every
+device, each host loads the rows of each batch that its devices hold, the decisions read from
+the workdirs (which members to train, where they resume) are process 0's (`agreed`), and only
+process 0 writes the logs, configs and the summary, as for a separate run.
 """
 
+import functools
 import json
 import logging
 from typing import Any, Sequence
 
 import jax
+from jax.experimental import multihost_utils
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
@@ -132,8 +139,31 @@ def stack(states: Sequence[Any], mesh) -> Any:
 
 
 def member(states: Any, m: int) -> Any:
-  """Member `m`'s state, laid out as a separate run's."""
-  return jax.tree.map(lambda x: x[m], states)
+  """Member `m`'s state, laid out as a separate run's (replicated over the mesh)."""
+  return _take(jax.tree.leaves(states)[0].sharding.mesh)(states, np.int32(m))
+
+
+@functools.lru_cache(maxsize=4)
+def _take(mesh):
+  # One program for every member and every save: sliced leaf by leaf outside jit, each leaf's
+  # shape compiled a program of its own, seconds per save on a CPU.
+  return jax.jit(lambda states, m: jax.tree.map(lambda x: x[m], states),
+                 out_shardings=sharding_lib.replicated(mesh))
+
+
+def fetch(tree: Any) -> Any:
+  """`tree`'s arrays as numpy on this host, also those split over hosts (a member axis over a
+  'sweep' axis across hosts, which `jax.device_get` cannot read)."""
+  return multihost_utils.process_allgather(tree, tiled=True)
+
+
+def agreed(values: Sequence[int]) -> list[int]:
+  """Process 0's `values` (as many ints on every process) on every process: what one host reads
+  from the workdirs (a finished member, a checkpoint's step) may differ on another while a file
+  is being written, and every host must build the same programs."""
+  if jax.process_count() == 1 or not values:
+    return [int(v) for v in values]
+  return [int(v) for v in multihost_utils.broadcast_one_to_all(np.asarray(values, np.int32))]
 
 
 class _Member:
@@ -169,10 +199,16 @@ def train_and_evaluate(configs: Sequence[ml_collections.ConfigDict], workdirs: S
   mesh = make_mesh(configs[0], len(configs))
   sizes.check_batch('config.batch_size', configs[0].batch_size,
                     mesh.shape[sharding_lib.DATA_AXIS], jax.process_count())
+  # The rows of each batch this host loads: its part of the batch, or all of it where the
+  # members are split over the hosts and every host holds each member's whole batch.
+  rows, row_blocks = sharding_lib.host_rows(mesh, configs[0].batch_size)
   source = pipeline.create_source(configs[0].data, configs[0].data.train_split)
   members = [_Member(train.with_categories(c, source.categories), w)
              for c, w in zip(configs, workdirs)]
   config = members[0].config
+  # Evaluation runs one member at a time on a separate run's mesh (every device over 'data'),
+  # with a separate run's eval batches on each host.
+  eval_mesh = sharding_lib.make_mesh(config)
   model = models.create_model(config, mesh)
   resume = {m.manager.latest_step() for m in members}
   if len(resume) > 1:
@@ -189,7 +225,7 @@ def train_and_evaluate(configs: Sequence[ml_collections.ConfigDict], workdirs: S
     state = stack([state] * len(members), mesh)
   for m in members:
     train.write_config(m.config, m.workdir)
-  start_step = int(jax.device_get(state.step[0]))
+  start_step = int(fetch(state.step)[0])
   total = config.num_train_steps
   logging.info('Fused sweep of %d members starting at step %d of %d (%s): %s', len(members),
                start_step, total, 'fresh' if fresh else 'resumed',
@@ -198,8 +234,7 @@ def train_and_evaluate(configs: Sequence[ml_collections.ConfigDict], workdirs: S
   numbers = jax.device_put(hparams([m.config for m in members]),
                            sharding_lib.member_sharding(mesh))
   loader = pipeline.TrainLoader(source, config.data, config.batch_size, config.seed,
-                                process_index=jax.process_index(),
-                                process_count=jax.process_count())
+                                process_index=rows, process_count=row_blocks)
   for m in members:
     m.logger = metrics_lib.MetricLogger(m.workdir, resume_step=start_step)
   preemption = run_control.Preemption()
@@ -208,7 +243,7 @@ def train_and_evaluate(configs: Sequence[ml_collections.ConfigDict], workdirs: S
 
   def stop_non_finite(step):
     """Stops the members whose state recorded a non-finite step (a host sync)."""
-    bad = np.asarray(jax.device_get(state.first_bad_step))
+    bad = fetch(state.first_bad_step)
     for i, m in active():
       if bad[i] >= 0:
         m.stopped_at = int(bad[i]) + 1
@@ -231,10 +266,9 @@ def train_and_evaluate(configs: Sequence[ml_collections.ConfigDict], workdirs: S
       # The group's config, not the member's: members differ only in FUSED_FIELDS, which
       # evaluation does not read, so every member reuses one compiled detector (cached by
       # config) instead of compiling its own.
-      train.evaluate_and_log(config, member(state, i), step, workdir=m.workdir, mesh=mesh,
-                             logger=m.logger, best_manager=m.best_manager)
-      results[i] = json.loads(
-          (fileio.Path(m.workdir) / f'metrics_{m.config.data.eval_split}.json').read_text())
+      results[i] = train.evaluate_and_log(config, member(state, i), step, workdir=m.workdir,
+                                          mesh=eval_mesh, logger=m.logger,
+                                          best_manager=m.best_manager)
 
   results: list[dict[str, Any] | None] = [None] * len(members)
   pending: list[dict[str, jax.Array]] = []
@@ -261,7 +295,7 @@ def train_and_evaluate(configs: Sequence[ml_collections.ConfigDict], workdirs: S
         raise run_control.Preempted(step, ', '.join(m.workdir for m in members))
       if run_control.itstime(step, config.log_every_steps, total):
         stop_non_finite(step)
-        window = jax.device_get(pending)  # [steps] of {name: [M]}.
+        window = fetch(pending)  # [steps] of {name: [M]}.
         pending = []
         per_step = clock.lap(step)
         for i, m in active():
@@ -299,8 +333,13 @@ def plan(configs: Sequence[ml_collections.ConfigDict], workdirs: Sequence[str] |
   checkpoint resumes at (one input stream starts at one step). workdirs=None: every member
   starts afresh (a plan made before any run, tools/pod_plan --sweep)."""
   groups: dict[tuple[str, Any], list[int]] = {}
-  for i, config in enumerate(configs):
-    key = (_structure_key(config), None if workdirs is None else _latest_step(workdirs[i]))
+  if workdirs is None:
+    latest = [None] * len(configs)
+  else:
+    found = [_latest_step(w) for w in workdirs]
+    latest = [None if s < 0 else s for s in agreed([-1 if s is None else s for s in found])]
+  for i, (config, step) in enumerate(zip(configs, latest)):
+    key = (_structure_key(config), step)
     groups.setdefault(key, []).append(i)
   fields = unfusable_fields(configs)
   steps = sorted({k[1] for k in groups}, key=lambda s: -1 if s is None else s)
@@ -343,7 +382,7 @@ def run_sweep(configs: Sequence[ml_collections.ConfigDict], workdirs: Sequence[s
   and writes it to `summary_dir` (summary.md, and summary.json by member name).
 
   skip: per member, True for one that is finished already (its metrics_<split>.json is read
-  for the table).
+  for the table); the same on every process (scripts/sweep.py takes process 0's, `agreed`).
   """
   skip = list(skip) or [False] * len(configs)
   todo = [i for i in range(len(configs)) if not skip[i]]

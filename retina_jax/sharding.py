@@ -115,6 +115,25 @@ def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 
 
+def host_rows(mesh: Mesh, batch_size: int) -> tuple[int, int]:
+  """The rows of a global batch of `batch_size` split over 'data' that this process feeds to
+  `to_global` (those its devices hold), as (index, count): rows [index * n, (index + 1) * n)
+  for n = batch_size // count, the loaders' process_index and process_count. That is
+  (jax.process_index(), jax.process_count()) on `make_mesh`'s mesh, whose 'data' axis spans the
+  hosts in process order; where each host holds every row (a fused sweep's 'sweep' axis across
+  the hosts, 'data' within each), (0, 1): every host feeds the whole batch."""
+  indices = batch_sharding(mesh).addressable_devices_indices_map((batch_size,)).values()
+  blocks = sorted({(i[0].start or 0, batch_size if i[0].stop is None else i[0].stop)
+                   for i in indices})
+  first, last = blocks[0][0], blocks[-1][1]
+  rows = last - first
+  if (any(a[1] != b[0] for a, b in zip(blocks, blocks[1:])) or batch_size % rows
+      or first % rows):
+    raise ValueError(f'Process {jax.process_index()} holds rows {blocks} of a batch of '
+                     f'{batch_size}: not one of equal blocks, which the loaders feed.')
+  return first // rows, batch_size // rows
+
+
 def to_global(host_batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
   """Host-local numpy batch -> global jax.Arrays split over 'data' (no copy across hosts)."""
   sharding = batch_sharding(mesh)

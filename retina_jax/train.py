@@ -237,6 +237,9 @@ def evaluate_and_log(config, state: TrainState, step: int, *, workdir: str, mesh
 
   With `background`, only the detector runs now (on the devices); the COCO metric is scored in
   a thread while training goes on and logged, at `step`, when `background` finishes it.
+
+  Returns:
+    The metrics (every host has them), or None with `background`.
   """
   config = sizes.with_eval_batch(config, sizes.eval_batch_size(
       config, mesh.shape[sharding_lib.DATA_AXIS], jax.process_count()))
@@ -248,7 +251,7 @@ def evaluate_and_log(config, state: TrainState, step: int, *, workdir: str, mesh
       raise evaluation_error(config, workdir, step, e) from e
     log_evaluation(config, step, eval_metrics, variables, workdir=workdir, logger=logger,
                    best_manager=best_manager)
-    return
+    return eval_metrics
   try:
     detections = evaluator.detect_split(config, variables, workdir, mesh)
   except Exception as e:  # pylint: disable=broad-except
@@ -256,6 +259,7 @@ def evaluate_and_log(config, state: TrainState, step: int, *, workdir: str, mesh
   # The state is donated to the next step: the best checkpoint needs a copy of these.
   kept = jax.tree.map(jnp.copy, variables) if best_manager is not None else None
   background.submit(step, detections, kept)
+  return None
 
 
 def evaluation_error(config, workdir: str, step: int, e: BaseException
