@@ -17,7 +17,10 @@ Without --dry-run the runs go one after another on this machine; with --pod they
 --fused trains the runs in this one process instead, side by side in one program where their
 configs differ only in numbers (`retina_jax.fused`; --dry-run prints how they group), with the
 same workdirs and the same skipping and resuming, and ends with the table of every run's AP,
-also written to DIR/<experiment>[:<arg>]/summary.md.
+also written to DIR/<experiment>[:<arg>]/summary.md. On several hosts (a TPU pod: through
+scripts/launch_pod.sh) every host runs the same command with retina_jax.main's multi-process
+flags after -- (--distributed, or --coordinator_address, --num_processes and --process_id), and
+it ends with retina_jax.main's exit codes (README, "Exit codes").
 """
 
 import argparse
@@ -104,15 +107,41 @@ def finished_step(workdir: str) -> int | None:
   return None
 
 
+def split_fused_flags(extra: list[str]) -> tuple[list[str], list[str]]:
+  """`extra` (the flags after --) as (its --config.x=y overrides, the other flags), each flag
+  with its value where that is the next argument (`--config.x y`, `--num_processes 2`)."""
+  overrides, others = [], []
+  i = 0
+  while i < len(extra):
+    flag = extra[i:i + 1]
+    if '=' not in extra[i] and i + 1 < len(extra) and not extra[i + 1].startswith('-'):
+      flag = extra[i:i + 2]
+    (overrides if extra[i].startswith('--config.') else others).extend(flag)
+    i += len(flag)
+  return overrides, others
+
+
 def run_fused(spec: str, workdir_root: str, extra: list[str], dry_run: bool):
-  """Every setting's config as its own command would build it, trained by `fused.run_sweep`."""
+  """Every setting's config as its own command would build it, trained by `fused.run_sweep`;
+  on every host of a multi-process run (the multi-process flags of retina_jax.main among
+  `extra`), ending as retina_jax.main ends (`hosts.run`'s exit codes)."""
   # Imported here: the other modes only print or launch commands and need no jax.
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
   from retina_jax import cli  # pylint: disable=g-import-not-at-top
   from retina_jax import fused  # pylint: disable=g-import-not-at-top
+  from retina_jax import hosts  # pylint: disable=g-import-not-at-top
   cli.skip_absent_tpu()
-  not_config = [a for a in extra if a.startswith('-') and not a.startswith('--config.')]
-  if not_config:
-    raise SystemExit(f'--fused takes only --config.x=y flags after --, got {not_config[0]}')
+  extra, others = split_fused_flags(extra)
+  distributed = cli.define_distributed_flags()
+  try:
+    unparsed = flags.FLAGS([sys.argv[0], *others])[1:]
+  except flags.Error as e:
+    unparsed = [str(e)]
+  if unparsed:
+    raise SystemExit(f'--fused takes --config.x=y flags and the multi-process flags of '
+                     f"retina_jax.main (--{', --'.join(distributed)}) after --, not: "
+                     f'{unparsed[0]}')
   # Training's progress lines; orbax's several lines per checkpoint come through absl's logger.
   logging.basicConfig(level=logging.INFO, format='%(asctime)s %(levelname)s %(message)s',
                       force=True)  # absl, imported with jax, installed a handler of its own.
@@ -123,17 +152,32 @@ def run_fused(spec: str, workdir_root: str, extra: list[str], dry_run: bool):
     members.setdefault(workdir, setting)
   workdirs = list(members)
   configs = config_lib.sweep_configs(spec, list(members.values()), extra)
-  skip = [finished_step(w) is not None for w in workdirs]
-  for workdir, skipped in zip(workdirs, skip):
-    print(f'{workdir}{": finished and evaluated, skipped" if skipped else ""}', flush=True)
-  if dry_run:
+  if dry_run:  # Reads the workdirs and prints; needs no other host.
+    skip = [finished_step(w) is not None for w in workdirs]
+    _print_skipped(workdirs, skip)
     todo = [i for i, s in enumerate(skip) if not s]
     groups, why = fused.plan([configs[i] for i in todo], [workdirs[i] for i in todo])
     print(f'{why}:\n' + '\n'.join(
         f'  group {g + 1}: ' + ', '.join(fileio.Path(workdirs[todo[j]]).name for j in group)
         for g, group in enumerate(groups)), flush=True)
     return
-  fused.run_sweep(configs, workdirs, str(experiment_dir(spec, workdir_root)), skip)
+  hosts.initialize(**{name: holder.value for name, holder in distributed.items()})
+  logging.info('JAX process %d of %d, %d local / %d global devices (%s)', jax.process_index(),
+               jax.process_count(), jax.local_device_count(), jax.device_count(),
+               jax.default_backend())
+
+  def work():
+    # Process 0's reading of the workdirs: every host then trains the same members.
+    skip = [bool(s) for s in fused.agreed([finished_step(w) is not None for w in workdirs])]
+    _print_skipped(workdirs, skip)
+    fused.run_sweep(configs, workdirs, str(experiment_dir(spec, workdir_root)), skip)
+
+  hosts.run(work, distributed['host_timeout_seconds'].value)
+
+
+def _print_skipped(workdirs: list[str], skip: list[bool]):
+  for workdir, skipped in zip(workdirs, skip):
+    print(f'{workdir}{": finished and evaluated, skipped" if skipped else ""}', flush=True)
 
 
 def main(argv=None):
@@ -142,7 +186,8 @@ def main(argv=None):
   parser.add_argument('--dry-run', action='store_true', help='print the runs, start nothing')
   parser.add_argument('--workdir_root', default='workdirs')
   parser.add_argument('--fused', action='store_true',
-                      help='train the runs in this process, in one program where they can be')
+                      help='train the runs in this process (one per host), in one program '
+                      'where they can be')
   parser.add_argument('--pod', default='', help='TPU VM name: run through scripts/launch_pod.sh')
   parser.add_argument('--zone', default='')
   argv = sys.argv[1:] if argv is None else list(argv)
