@@ -11,7 +11,11 @@
 # (v4-32: v4:2x2x4, v5e-256: v5e:16x16, v5p-128: v5p:4x4x4) and stops when the step does not
 # fit (needs requirements-tpu.txt here; $PYTHON, default python3; --skip-plan skips it).
 # Every host runs `python3 <args> --distributed` from the repository's directory on the VM
-# (--repo_dir, default ~/retina_jax); jax.distributed.initialize() finds the peers. --setup first
+# (--repo_dir, default ~/retina_jax); jax.distributed.initialize() finds the peers. A fused sweep
+# (`-- scripts/sweep.py EXPERIMENT --fused --workdir_root gs://... [-- --config.x=y]`, one job
+# per host) gets --distributed among the flags after its own `--` (which is added if missing),
+# where sweep.py takes retina_jax.main's flags; it needs --skip-plan, as pod_plan plans one run's
+# config, not a sweep. --setup first
 # copies this checkout's files (those git tracks or would track: no .venv, no workdirs) to every
 # host, over what an earlier --setup put there, and installs requirements.txt and
 # requirements-tpu.txt (the TPU runtime). --dry-run prints the exact gcloud commands instead of
@@ -42,6 +46,12 @@ if [ -z "$name" ] || [ -z "$zone" ] || [ $# -eq 0 ] || { [ "$plan" = 1 ] && [ -z
        "[--dry-run] [--setup] -- ARGS..." >&2
   exit 2
 fi
+sweep=0
+case "$1" in *sweep.py) sweep=1 ;; esac
+if [ "$plan" = 1 ] && [ "$sweep" = 1 ]; then
+  echo "launch_pod.sh: pod_plan plans one run of a config, not a sweep: pass --skip-plan" >&2
+  exit 2
+fi
 if [ "$plan" = 1 ]; then
   # The training command's config and overrides, as retina_jax.main would read them.
   plan_args=()
@@ -63,6 +73,8 @@ base=(gcloud compute tpus tpu-vm)
 target=("$name" "--zone=$zone" "--worker=all")
 [ -n "$project" ] && target+=("--project=$project")
 quoted=$(printf '%q ' "$@")
+# scripts/sweep.py reads the flags of its runs after its `--`; add one where it has none.
+if [ "$sweep" = 1 ] && ! printf '%s\n' "$@" | grep -qx -- '--'; then quoted+="-- "; fi
 run() {
   if [ "$dry_run" = 1 ]; then printf '%q ' "$@"; echo; else "$@"; fi
 }

@@ -151,6 +151,18 @@ def test_launch_pod_dry_run_prints_gcloud_for_all_workers():
   assert '--distributed' in out.stdout
 
 
+def test_launch_pod_runs_a_fused_sweep_with_distributed_among_its_run_flags():
+  for after in ([], ['--', '--config.num_train_steps=10']):
+    out = _launch_pod('--skip-plan', '--dry-run', '--', 'scripts/sweep.py', 'experiments/x.py',
+                      '--fused', *after)
+    assert out.returncode == 0, out.stderr
+    assert ('scripts/sweep.py experiments/x.py --fused -- '
+            f'{"--config.num_train_steps=10 " if after else ""}--distributed') in (
+                out.stdout.replace('\\', ''))
+  out = _launch_pod('--topology', 'v5e:2x2', '--dry-run', '--', 'scripts/sweep.py', 'x.py')
+  assert out.returncode == 2 and '--skip-plan' in out.stderr and not out.stdout
+
+
 # The demo config shrunk to the tiny test model: pod_plan compiles it in seconds.
 _TINY_DEMO = ['--config', 'experiments/smoke/shapes_demo.py:batch=8', '--config.data.image_size=64',
               '--config.data.min_size=64', '--config.data.max_size=64',
