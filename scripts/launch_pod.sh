@@ -14,8 +14,8 @@
 # (--repo_dir, default ~/retina_jax); jax.distributed.initialize() finds the peers. A fused sweep
 # (`-- scripts/sweep.py EXPERIMENT --fused --workdir_root gs://... [-- --config.x=y]`, one job
 # per host) gets --distributed among the flags after its own `--` (which is added if missing),
-# where sweep.py takes retina_jax.main's flags; it needs --skip-plan, as pod_plan plans one run's
-# config, not a sweep. --setup first
+# where sweep.py takes retina_jax.main's flags, and is planned as `pod_plan --sweep EXPERIMENT`
+# with the overrides. --setup first
 # copies this checkout's files (those git tracks or would track: no .venv, no workdirs) to every
 # host, over what an earlier --setup put there, and installs requirements.txt and
 # requirements-tpu.txt (the TPU runtime). --dry-run prints the exact gcloud commands instead of
@@ -48,14 +48,19 @@ if [ -z "$name" ] || [ -z "$zone" ] || [ $# -eq 0 ] || { [ "$plan" = 1 ] && [ -z
 fi
 sweep=0
 case "$1" in *sweep.py) sweep=1 ;; esac
-if [ "$plan" = 1 ] && [ "$sweep" = 1 ]; then
-  echo "launch_pod.sh: pod_plan plans one run of a config, not a sweep: pass --skip-plan" >&2
-  exit 2
-fi
 if [ "$plan" = 1 ]; then
-  # The training command's config and overrides, as retina_jax.main would read them.
+  # The training command's config and overrides, as retina_jax.main would read them; a sweep's
+  # experiment (sweep.py's first argument that is not an option or an option's value).
   plan_args=()
   args=("$@")
+  for ((i = 1; sweep == 1 && i < ${#args[@]}; i++)); do
+    case "${args[i]}" in
+      --) break ;;
+      --workdir_root|--pod|--zone) i=$((i + 1)) ;;
+      -*) ;;
+      *) plan_args+=(--sweep "${args[i]}"); break ;;
+    esac
+  done
   for ((i = 0; i < ${#args[@]}; i++)); do
     case "${args[i]}" in
       --config=*|--config.*=*) plan_args+=("${args[i]}") ;;

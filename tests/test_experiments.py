@@ -159,8 +159,17 @@ def test_launch_pod_runs_a_fused_sweep_with_distributed_among_its_run_flags():
     assert ('scripts/sweep.py experiments/x.py --fused -- '
             f'{"--config.num_train_steps=10 " if after else ""}--distributed') in (
                 out.stdout.replace('\\', ''))
-  out = _launch_pod('--topology', 'v5e:2x2', '--dry-run', '--', 'scripts/sweep.py', 'x.py')
-  assert out.returncode == 2 and '--skip-plan' in out.stderr and not out.stdout
+
+
+def test_launch_pod_plans_a_fused_sweep_as_pod_plan_sweep():
+  """A plan refused in seconds (no compile) says the command's sweep was planned, members and
+  override included."""
+  pytest.importorskip('libtpu', reason='pod_plan needs the TPU runtime (requirements-tpu.txt)')
+  out = _launch_pod('--topology', 'v5e:2x2', '--dry-run', '--', 'scripts/sweep.py',
+                    '--workdir_root', 'gs://b/s', 'experiments/smoke/shapes_demo.py', '--fused',
+                    '--', '--config.batch_size=6')
+  assert out.returncode == 1 and 'gcloud' not in out.stdout
+  assert '5 fused members: config.batch_size=6 must be a multiple' in out.stderr
 
 
 # The demo config shrunk to the tiny test model: pod_plan compiles it in seconds.
